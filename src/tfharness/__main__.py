@@ -1,0 +1,3 @@
+from tfharness.cli import main
+
+main()

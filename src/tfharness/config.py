@@ -1,0 +1,330 @@
+"""The config schema: one dataclass per config-group option, and the checks types cannot express.
+
+The dataclasses are registered in Hydra's ConfigStore (see :func:`register_configs`) and each YAML
+option names its schema as its first default, so a misspelt key or a wrong type fails while Hydra
+composes the config. :func:`validate` then checks ranges and cross-field rules. Nothing here
+imports TensorFlow: a bad command line must fail in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from tfharness.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam", "adagrad")
+ACTIVATIONS = ("softmax", "sigmoid", "linear", "relu", "tanh", "gelu", "elu", "selu", "swish")
+SAVE_FORMATS = ("savedmodel", "keras", "h5")
+TRACKING_MODES = ("local", "server", "off")
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # Fractions of each labelled pool held out for validation and test; the split is seeded
+    # separately from training so the same data seed always gives the same split.
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class DigitsDataConfig(DataConfig):
+    name: str = "digits"
+    pretrain_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    finetune_classes: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
+    # Fine-tuning on few labels is the point of transfer learning: keep this fraction of the
+    # fine-tune training pool.
+    finetune_fraction: float = 0.25
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    name: str = "synthetic"
+    shape: List[int] = field(default_factory=lambda: [784])
+    num_samples: int = 100
+    num_classes: int = 10
+    finetune_num_samples: int = 100
+    finetune_num_classes: int = 5
+
+
+@dataclass
+class NpzDataConfig(DataConfig):
+    name: str = "npz"
+    path: str = MISSING
+    x_key: str = "x"
+    y_key: str = "y"
+    # When both are null the fine-tune phase trains on the same arrays as pretraining.
+    finetune_x_key: Optional[str] = None
+    finetune_y_key: Optional[str] = None
+
+
+# -------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    activation: str = "relu"
+    output_activation: str = "softmax"
+    dropout: float = 0.0
+
+
+@dataclass
+class MlpConfig(ModelConfig):
+    name: str = "mlp"
+    # The seed's model: Dense(10, relu) then Dense(num_classes, softmax).
+    units: List[int] = field(default_factory=lambda: [10])
+
+
+@dataclass
+class CnnConfig(ModelConfig):
+    name: str = "cnn"
+    filters: List[int] = field(default_factory=lambda: [16, 32])
+    kernel_size: int = 3
+    dense_units: int = 32
+
+
+# ------------------------------------------------------------------------------------ trainer
+@dataclass
+class TrainerConfig:
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    epochs: int = 5
+    batch_size: int = 32
+    seed: int = 42
+    # Deterministic kernels make "same seed, same metrics" hold exactly on CPU.
+    deterministic: bool = True
+    verbose: int = 0
+
+
+# -------------------------------------------------------------------------------- save format
+@dataclass
+class SaveFormatConfig:
+    name: str = "savedmodel"
+    # Largest absolute difference allowed between the in-memory model and its reload.
+    verify_atol: float = 1e-6
+    verify_batch_size: int = 64
+
+
+# ----------------------------------------------------------------------------------- finetune
+@dataclass
+class HeadConfig:
+    # How many layers to drop from the end of the pretrained model before adding the head.
+    pop: int = 1
+    num_classes: int = 5
+    activation: str = "softmax"
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    freeze: List[str] = field(default_factory=list)
+    learning_rate: float = 1e-3
+    epochs: int = 3
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "none"
+    enabled: bool = False
+    head: Optional[HeadConfig] = None
+    # Selectors: an index ("0", "-2"), a slice ("0:-1"), a layer name, a glob ("conv*"), or
+    # "@base" for every layer that came from the pretrained model.
+    freeze: List[str] = field(default_factory=list)
+    optimizer: Optional[str] = None
+    learning_rate: float = 1e-4
+    epochs: int = 5
+    batch_size: Optional[int] = None
+    # When non-empty, stages replace the single stage described by freeze/learning_rate/epochs.
+    stages: List[StageConfig] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------- tracking
+@dataclass
+class TrackingConfig:
+    name: str = "local"
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "tfharness"
+    # Filled from the command-line overrides by the CLI when left null.
+    run_name: Optional[str] = None
+    log_models: bool = True
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- top
+@dataclass
+class HarnessConfig:
+    data: Any = MISSING
+    model: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    save_format: SaveFormatConfig = field(default_factory=SaveFormatConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Where this run writes its models and reports; the CLI points it at Hydra's run folder.
+    output_dir: str = MISSING
+    print_report: bool = True
+
+
+GROUP_SCHEMAS = {
+    "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig},
+    "model": {"mlp": MlpConfig, "cnn": CnnConfig},
+    "trainer": {"base": TrainerConfig},
+    "save_format": {"base": SaveFormatConfig},
+    "finetune": {"base": FinetuneConfig},
+    "tracking": {"base": TrackingConfig},
+}
+
+
+def register_configs() -> None:
+    """Registers the schemas in Hydra's ConfigStore as ``<group>/<option>_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="harness_schema", node=HarnessConfig)
+    for group, options in GROUP_SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=group, name=f"{option}_schema", node=schema)
+
+
+def to_typed(cfg: DictConfig | HarnessConfig) -> HarnessConfig:
+    """Turns a composed DictConfig into dataclass instances (resolving interpolations)."""
+    if isinstance(cfg, HarnessConfig):
+        return cfg
+    typed = OmegaConf.to_object(cfg)
+    if not isinstance(typed, HarnessConfig):
+        raise ConfigError("<root>", type(typed).__name__, "a config composed on harness_schema")
+    return typed
+
+
+def flatten(cfg: HarnessConfig) -> Dict[str, str]:
+    """The resolved config as ``{"model.units": "[10]", ...}``, the form MLflow params take."""
+    flat: Dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = "null" if value is None else str(value)
+
+    walk("", dataclasses.asdict(cfg))
+    return flat
+
+
+# ---------------------------------------------------------------------------------- checks
+def _check(condition: bool, key: str, got: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(key, got, allowed)
+
+
+def _check_fraction(key: str, value: float, *, open_low: bool = False) -> None:
+    if open_low:
+        _check(0.0 < value <= 1.0, key, value, "a number in (0, 1]")
+    else:
+        _check(0.0 <= value < 1.0, key, value, "a number in [0, 1)")
+
+
+def _check_choice(key: str, value: str, allowed: tuple) -> None:
+    _check(value in allowed, key, value, "one of " + ", ".join(allowed))
+
+
+SELECTOR_INDEX = re.compile(r"^-?\d+$")
+SELECTOR_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")
+
+
+def check_selector_syntax(key: str, selector: str) -> None:
+    """Rejects selectors that can never match a layer (an empty string)."""
+    _check(bool(str(selector).strip()), key, selector,
+           "an index, a slice like 0:-1, a layer name, a glob like conv*, or @base")
+
+
+def validate(cfg: HarnessConfig) -> None:
+    """Checks ranges and cross-field rules; raises :class:`ConfigError` naming the key."""
+    data, model, trainer = cfg.data, cfg.model, cfg.trainer
+    _check_fraction("data.val_fraction", data.val_fraction)
+    _check_fraction("data.test_fraction", data.test_fraction)
+    _check(data.val_fraction + data.test_fraction < 1.0, "data.test_fraction",
+           data.test_fraction, f"val_fraction + test_fraction below 1 (val_fraction is "
+           f"{data.val_fraction})")
+    if isinstance(data, DigitsDataConfig):
+        for key in ("pretrain_classes", "finetune_classes"):
+            classes = getattr(data, key)
+            _check(bool(classes) and all(0 <= c <= 9 for c in classes)
+                   and len(set(classes)) == len(classes), f"data.{key}", classes,
+                   "a non-empty list of distinct digits 0-9")
+        _check_fraction("data.finetune_fraction", data.finetune_fraction, open_low=True)
+    elif isinstance(data, SyntheticDataConfig):
+        _check(bool(data.shape) and all(d >= 1 for d in data.shape), "data.shape", data.shape,
+               "a non-empty list of positive sizes")
+        for key in ("num_samples", "finetune_num_samples"):
+            _check(getattr(data, key) >= 10, f"data.{key}", getattr(data, key),
+                   "an integer >= 10 (enough for train, validation and test splits)")
+        for key in ("num_classes", "finetune_num_classes"):
+            _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "an integer >= 1")
+    elif isinstance(data, NpzDataConfig):
+        _check(bool(data.path), "data.path", data.path, "the path of an existing .npz file")
+        _check((data.finetune_x_key is None) == (data.finetune_y_key is None),
+               "data.finetune_y_key", data.finetune_y_key,
+               "set together with data.finetune_x_key, or both null")
+
+    _check_choice("model.activation", model.activation, ACTIVATIONS)
+    _check_choice("model.output_activation", model.output_activation, ACTIVATIONS)
+    _check(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "a number in [0, 1)")
+    if isinstance(model, MlpConfig):
+        _check(all(u >= 1 for u in model.units), "model.units", model.units,
+               "a list of positive layer widths")
+    elif isinstance(model, CnnConfig):
+        _check(bool(model.filters) and all(f >= 1 for f in model.filters), "model.filters",
+               model.filters, "a non-empty list of positive filter counts")
+        _check(model.kernel_size >= 1, "model.kernel_size", model.kernel_size, "an integer >= 1")
+        _check(model.dense_units >= 1, "model.dense_units", model.dense_units, "an integer >= 1")
+
+    _check_choice("trainer.optimizer", trainer.optimizer, OPTIMIZERS)
+    _check(trainer.learning_rate > 0, "trainer.learning_rate", trainer.learning_rate,
+           "a number > 0")
+    _check(trainer.epochs >= 0, "trainer.epochs", trainer.epochs, "an integer >= 0")
+    _check(trainer.batch_size >= 1, "trainer.batch_size", trainer.batch_size, "an integer >= 1")
+
+    _check_choice("save_format.name", cfg.save_format.name, SAVE_FORMATS)
+    _check(cfg.save_format.verify_atol >= 0, "save_format.verify_atol",
+           cfg.save_format.verify_atol, "a number >= 0")
+    _check(cfg.save_format.verify_batch_size >= 1, "save_format.verify_batch_size",
+           cfg.save_format.verify_batch_size, "an integer >= 1")
+
+    ft = cfg.finetune
+    if ft.enabled:
+        if ft.optimizer is not None:
+            _check_choice("finetune.optimizer", ft.optimizer, OPTIMIZERS)
+        _check(ft.learning_rate > 0, "finetune.learning_rate", ft.learning_rate, "a number > 0")
+        _check(ft.epochs >= 0, "finetune.epochs", ft.epochs, "an integer >= 0")
+        if ft.batch_size is not None:
+            _check(ft.batch_size >= 1, "finetune.batch_size", ft.batch_size, "an integer >= 1")
+        if ft.head is not None:
+            _check(ft.head.num_classes >= 1, "finetune.head.num_classes", ft.head.num_classes,
+                   "an integer >= 1")
+            _check(ft.head.pop >= 0, "finetune.head.pop", ft.head.pop, "an integer >= 0")
+            _check_choice("finetune.head.activation", ft.head.activation, ACTIVATIONS)
+        for i, selector in enumerate(ft.freeze):
+            check_selector_syntax(f"finetune.freeze[{i}]", selector)
+        for s, stage in enumerate(ft.stages):
+            _check(stage.learning_rate > 0, f"finetune.stages[{s}].learning_rate",
+                   stage.learning_rate, "a number > 0")
+            _check(stage.epochs >= 0, f"finetune.stages[{s}].epochs", stage.epochs,
+                   "an integer >= 0")
+            for i, selector in enumerate(stage.freeze):
+                check_selector_syntax(f"finetune.stages[{s}].freeze[{i}]", selector)
+
+    _check_choice("tracking.name", cfg.tracking.name, TRACKING_MODES)
+    if cfg.tracking.name != "off":
+        _check(bool(cfg.tracking.uri), "tracking.uri", cfg.tracking.uri, "a tracking URI")
+        _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
+               "a non-empty experiment name")
+    if cfg.tracking.name == "server":
+        _check(cfg.tracking.uri.startswith(("http://", "https://")), "tracking.uri",
+               cfg.tracking.uri, "an http:// or https:// URI when tracking=server")
+

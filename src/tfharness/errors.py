@@ -1,0 +1,35 @@
+"""Exception types of tfharness.
+
+Every error a user can cause names the config key, the value it got and what is allowed, so the
+command line can print one short line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+class HarnessError(Exception):
+    """Base class of every error tfharness raises on purpose."""
+
+
+class ConfigError(HarnessError, ValueError):
+    """A config value is out of range, of the wrong kind, or refers to something missing."""
+
+    def __init__(self, key: str, got: Any, allowed: str | Iterable[str]):
+        if not isinstance(allowed, str):
+            allowed = "one of " + ", ".join(str(a) for a in allowed)
+        self.key, self.got, self.allowed = key, got, allowed
+        super().__init__(f"Invalid value for '{key}': got {got!r}; allowed: {allowed}.")
+
+
+class DataError(ConfigError):
+    """The data named by the config cannot be read or lacks what the config names."""
+
+
+class VerificationError(HarnessError):
+    """A reloaded model does not reproduce the model it was saved from, or frozen weights moved."""
+
+
+class SaveError(HarnessError):
+    """Writing or reading a model artifact failed."""

@@ -1,0 +1,243 @@
+"""The runner: one experiment from config to MLflow, in the order a user would do it by hand.
+
+1. validate the config and load the data (no TensorFlow yet, so bad input fails fast);
+2. build the model and resolve every freeze selector, before any run is opened;
+3. pretrain; 4. save atomically, reload into a fresh model, verify outputs;
+5. fine-tune the *reloaded* model (new head, frozen layers, stages) and prove frozen weights
+   did not move; 6. save, reload and verify again; 7. evaluate on the test split.
+
+``run(cfg)`` is plain Python: the CLI is a thin Hydra wrapper around it, and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from tfharness import data as data_lib
+from tfharness import finetune as ft_lib
+from tfharness import models as model_lib
+from tfharness import serialization, tracking
+from tfharness.config import HarnessConfig, flatten, to_typed, validate
+from tfharness.errors import ConfigError
+
+REPORT_TABLE = "reports/trainable_layers.json"
+REPORT_MARKDOWN = "reports/trainable_layers.md"
+
+
+@dataclass
+class RunResult:
+    """What a run produced, for callers of :func:`run` (the CLI, sweeps, tests)."""
+
+    run_id: Optional[str]
+    metrics: Dict[str, float] = field(default_factory=dict)
+    report: List[Dict] = field(default_factory=list)
+    artifacts: Dict[str, Path] = field(default_factory=dict)
+    model_uris: Dict[str, str] = field(default_factory=dict)
+
+
+def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
+    ft = cfg.finetune
+    if not ft.enabled:
+        return
+    needed = bundle.finetune.num_classes
+    if ft.head is not None:
+        if ft.head.num_classes < needed:
+            raise ConfigError("finetune.head.num_classes", ft.head.num_classes,
+                              f"an integer >= {needed}, the number of fine-tune classes in the "
+                              f"'{bundle.name}' data")
+    elif bundle.pretrain.num_classes < needed:
+        raise ConfigError("finetune.head", None, f"a new head: the fine-tune data has {needed} "
+                          f"classes, the pretrained output only {bundle.pretrain.num_classes}")
+
+
+def _probe_batch(split: data_lib.Split, size: int) -> np.ndarray:
+    """A fixed batch to compare a model and its reload on: test samples, then validation."""
+    x = np.concatenate([split.test[0], split.val[0], split.train[0]])
+    return x[:size]
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int,
+         callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> None:
+    if epochs <= 0:
+        return
+    train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed)
+    val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed)
+           if len(split.val[0]) else None)
+    model.fit(train, validation_data=val, epochs=initial_epoch + epochs,
+              initial_epoch=initial_epoch, callbacks=list(callbacks), verbose=verbose,
+              shuffle=False)  # the tf.data pipeline already shuffles, seeded
+
+
+def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
+    if not len(split.test[0]):
+        return {}
+    test = data_lib.make_dataset(split.test, batch_size, shuffle=False, seed=0)
+    return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
+
+
+def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str, step: int,
+                probe: np.ndarray, result: RunResult):
+    """Save, reload, verify; record the measurements; log the model. Returns the reload."""
+    fmt = cfg.save_format.name
+    target = serialization.artifact_path(Path(cfg.output_dir) / "models", stem, fmt)
+    trip = serialization.save_reload_verify(model, target, fmt, probe,
+                                            cfg.save_format.verify_atol)
+    measured = {
+        "reload/max_abs_diff": trip.max_abs_diff,
+        "reload/save_seconds": trip.save_seconds,
+        "reload/load_seconds": trip.load_seconds,
+        "reload/size_bytes": float(trip.size_bytes),
+    }
+    if trip.serving_max_abs_diff is not None:
+        measured["reload/serving_max_abs_diff"] = trip.serving_max_abs_diff
+    tracker.log_metrics(measured, step=step)
+    result.metrics.update({f"{k}@{stem}": v for k, v in measured.items()})
+    result.artifacts[stem] = trip.path
+    if cfg.tracking.log_models:
+        uri = tracker.log_model(model, stem, probe[:5], trip.path)
+        if uri:
+            result.model_uris[stem] = uri
+    return trip.model
+
+
+def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
+              split: data_lib.Split, frozen_by_stage: List[set]) -> tuple:
+    ft = cfg.finetune
+    model = ft_lib.attach_head(pretrained, ft.head) if ft.head else pretrained
+    optimizer = ft.optimizer or cfg.trainer.optimizer
+    batch_size = ft.batch_size or cfg.trainer.batch_size
+    reports: List[ft_lib.StageReport] = []
+    epochs_done = 0
+    for index, (stage, frozen) in enumerate(zip(ft_lib.stages_of(ft), frozen_by_stage)):
+        ft_lib.apply_freeze(model, frozen)
+        # A new compile is what makes the trainable flags above take effect.
+        model_lib.compile_model(model, optimizer, stage.learning_rate)
+        before = ft_lib.snapshot(model)
+        _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
+             seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
+             callbacks=[tracker.epoch_logger("finetune", step_offset=epochs_done)])
+        epochs_done += stage.epochs
+        report = ft_lib.stage_report(model, stage.name, frozen, before, ft_lib.snapshot(model))
+        tracker.log_metrics({
+            "finetune/trainable_params": report.trainable_params,
+            "finetune/frozen_params": report.frozen_params,
+            "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
+        }, step=index)
+        reports.append(report)
+    return model, reports
+
+
+def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
+                 cfg: HarnessConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    if rows:
+        table = Table(title="Trainable layers per fine-tune stage")
+        for column in rows[0]:
+            table.add_column(column, justify="right" if column != "layer" else "left")
+        for row in rows:
+            table.add_row(*(tracking._cell(row[c]) for c in row))
+        console.print(table)
+    summary = Table(title="Results")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for key in sorted(metrics):
+        summary.add_row(key, f"{metrics[key]:.6g}")
+    console.print(summary)
+    if run_id:
+        console.print(f"MLflow run {run_id} in experiment '{cfg.tracking.experiment}' at "
+                      f"{cfg.tracking.uri}")
+
+
+def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunResult:
+    """Runs one experiment end to end and returns what it measured and wrote.
+
+    Args:
+        cfg: a composed config (``DictConfig``) or a :class:`HarnessConfig`.
+        overrides: the command-line overrides, recorded as an artifact and the default run name.
+    """
+    resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
+    cfg = to_typed(cfg)
+    validate(cfg)
+    bundle = data_lib.load_data(cfg.data)
+    _check_classes(cfg, bundle)
+
+    # TensorFlow is imported from here on.
+    _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    model = model_lib.build_model(cfg.model, bundle.input_shape, bundle.pretrain.num_classes)
+    frozen_by_stage: List[set] = []
+    if cfg.finetune.enabled:
+        base_names = model_lib.layer_names(model)
+        planned = ft_lib.planned_layers(base_names, cfg.finetune.head)
+        base_count = len(base_names) - (cfg.finetune.head.pop if cfg.finetune.head else 0)
+        for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
+            frozen_by_stage.append(ft_lib.resolve_selectors(
+                stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    tracker = tracking.make_tracker(cfg.tracking)
+    run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
+    tags = tracking.run_tags(cfg.data.name, cfg.model.name, {
+        "save_format": cfg.save_format.name, "finetune": cfg.finetune.name})
+    tracker.start(run_name, flatten(cfg), tags)
+    result = RunResult(run_id=tracker.run_id)
+    try:
+        tracker.log_text(resolved_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+                         "config.yaml")
+        tracker.log_text(OmegaConf.to_yaml(list(overrides)), "overrides.yaml")
+
+        probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
+        model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
+        _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
+             batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
+             verbose=cfg.trainer.verbose, callbacks=[tracker.epoch_logger("pretrain")])
+        pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
+        tracker.log_metrics({f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
+                            step=cfg.trainer.epochs)
+        result.metrics.update({f"pretrain/test_{k}": v for k, v in pretrain_test.items()})
+
+        reloaded = _round_trip(cfg, tracker, model, "pretrained", 0, probe, result)
+        final_model, final_split = reloaded, bundle.pretrain
+        if cfg.finetune.enabled:
+            tuned, reports = _finetune(cfg, tracker, reloaded, bundle.finetune, frozen_by_stage)
+            result.report = [row for report in reports for row in report.rows]
+            result.metrics["finetune/frozen_weight_change_max"] = max(
+                r.frozen_weight_change_max for r in reports)
+            ft_probe = _probe_batch(bundle.finetune, cfg.save_format.verify_batch_size)
+            final_model = _round_trip(cfg, tracker, tuned, "finetuned", 1, ft_probe, result)
+            final_split = bundle.finetune
+            if result.report:
+                tracker.log_table(result.report, REPORT_TABLE)
+                markdown = tracking.markdown_table(result.report)
+                tracker.log_text(markdown, REPORT_MARKDOWN)
+                report_file = Path(cfg.output_dir) / REPORT_MARKDOWN
+                serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
+                result.artifacts["report"] = report_file
+
+        test = _evaluate(final_model, final_split, cfg.trainer.batch_size)
+        tracker.log_metrics({f"test/{k}": v for k, v in test.items()})
+        result.metrics.update({f"test/{k}": v for k, v in test.items()})
+    except BaseException as error:
+        tracker.finish(error)
+        raise
+    tracker.finish()
+    if cfg.print_report:
+        print_report(result.report, result.metrics, result.run_id, cfg)
+    return result

@@ -1,0 +1,214 @@
+"""Serialization: save a Keras model atomically, load it back as a full Keras model, verify it.
+
+Keras 3 will not load a SavedModel back as a Keras model (``load_model`` accepts only ``.keras``
+and ``.h5``; ``tf.saved_model.load`` returns an object with a signature and no layers). A
+SavedModel written here therefore carries the architecture beside the graph: ``model.export``
+writes a SavedModel that serves through ``serving_default`` like any other, and
+``assets/tfharness/model.json`` holds ``model.to_json()`` plus the Keras path of every weight.
+Loading rebuilds the model from the JSON and assigns each weight from the SavedModel variable of
+the same path, so the reload has every layer, can be frozen per layer, and gets a new head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tfharness.errors import SaveError, VerificationError
+
+SUFFIXES = {"savedmodel": "", "keras": ".keras", "h5": ".h5"}
+METADATA_PATH = Path("assets") / "tfharness" / "model.json"
+METADATA_FORMAT = "tfharness-savedmodel/1"
+
+
+def artifact_path(directory: str | os.PathLike, stem: str, fmt: str) -> Path:
+    """Where a model named ``stem`` is written in ``fmt``: a directory for SavedModels."""
+    if fmt not in SUFFIXES:
+        raise SaveError(f"Unknown save format {fmt!r}; allowed: {', '.join(SUFFIXES)}.")
+    return Path(directory) / f"{stem}{SUFFIXES[fmt]}"
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
+    """Calls ``write(tmp)`` on a temporary sibling of ``target``, then renames it into place.
+
+    A crash or an error at any point leaves either the previous artifact or the new one, never a
+    half-written file under ``target``'s name, and no temporary file behind on error.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    # Keep the suffix: Keras picks the format from the file extension.
+    tmp = target.with_name(f".{target.stem}.tmp-{token}{target.suffix}")
+    old = target.with_name(f".{target.stem}.old-{token}{target.suffix}")
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if target.is_dir():
+            # Directories cannot be swapped by one rename: move the old one aside first.
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    _remove(old)
+    return target
+
+
+def _write_savedmodel(model, path: Path) -> None:
+    model.export(str(path), format="tf_saved_model", verbose=False)
+    metadata = {
+        "format": METADATA_FORMAT,
+        "architecture": json.loads(model.to_json()),
+        # In model.weights order; SavedModel variables are named "<path>:0".
+        "weight_paths": [weight.path for weight in model.weights],
+    }
+    meta_file = path / METADATA_PATH
+    meta_file.parent.mkdir(parents=True, exist_ok=True)
+    meta_file.write_text(json.dumps(metadata))
+
+
+def save_model(model, target: str | os.PathLike, fmt: str) -> Path:
+    """Saves ``model`` to ``target`` in ``fmt`` (``savedmodel``, ``keras`` or ``h5``) atomically."""
+    target = Path(target)
+    if fmt == "savedmodel":
+        return atomic_write(target, lambda tmp: _write_savedmodel(model, tmp))
+    if fmt in ("keras", "h5"):
+        if target.suffix != SUFFIXES[fmt]:
+            raise SaveError(f"A {fmt} model needs a '{SUFFIXES[fmt]}' file name; got {target}.")
+        return atomic_write(target, lambda tmp: model.save(str(tmp)))
+    raise SaveError(f"Unknown save format {fmt!r}; allowed: {', '.join(SUFFIXES)}.")
+
+
+def is_harness_savedmodel(path: str | os.PathLike) -> bool:
+    return (Path(path) / "saved_model.pb").is_file() and (Path(path) / METADATA_PATH).is_file()
+
+
+def load_savedmodel(path: str | os.PathLike):
+    """Rebuilds the Keras model of a SavedModel written by :func:`save_model`.
+
+    Returns ``(keras_model, loaded)`` where ``loaded`` is the ``tf.saved_model.load`` object, so
+    callers can also check the serving signature without loading twice.
+    """
+    import keras
+    import tensorflow as tf
+
+    path = Path(path)
+    metadata = json.loads((path / METADATA_PATH).read_text())
+    if metadata.get("format") != METADATA_FORMAT:
+        raise SaveError(f"{path} was written by an unknown tfharness format "
+                        f"{metadata.get('format')!r}; this version reads {METADATA_FORMAT}.")
+    loaded = tf.saved_model.load(str(path))
+    model = keras.models.model_from_json(json.dumps(metadata["architecture"]))
+    by_name = {variable.name: variable for variable in loaded.variables}
+    saved_paths = metadata["weight_paths"]
+    if len(saved_paths) != len(model.weights):
+        raise SaveError(f"{path}: the architecture has {len(model.weights)} weights but "
+                        f"{len(saved_paths)} were saved.")
+    for weight, saved_path in zip(model.weights, saved_paths):
+        source = by_name.get(f"{saved_path}:0", by_name.get(saved_path))
+        if source is None:
+            raise SaveError(f"{path}: no variable {saved_path!r} in the SavedModel.")
+        if tuple(source.shape) != tuple(weight.shape):
+            raise SaveError(f"{path}: variable {saved_path!r} has shape {tuple(source.shape)}, "
+                            f"the rebuilt layer expects {tuple(weight.shape)}.")
+        weight.assign(source.numpy())
+    return model, loaded
+
+
+def load_model(path: str | os.PathLike):
+    """Loads a model written by :func:`save_model` as a full Keras model, layers included."""
+    import keras
+
+    path = Path(path)
+    if not path.exists():
+        raise SaveError(f"No model at {path}.")
+    if path.is_dir():
+        if not is_harness_savedmodel(path):
+            raise SaveError(f"{path} is not a SavedModel written by tfharness "
+                            f"(no {METADATA_PATH}).")
+        return load_savedmodel(path)[0]
+    if path.suffix in (".keras", ".h5"):
+        return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+    raise SaveError(f"Cannot tell the format of {path}: expected a SavedModel directory, "
+                    f"a .keras file or an .h5 file.")
+
+
+def artifact_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class RoundTrip:
+    """What saving and reloading one model measured."""
+
+    path: Path
+    model: object
+    max_abs_diff: float
+    serving_max_abs_diff: float | None
+    save_seconds: float
+    load_seconds: float
+    size_bytes: int
+
+
+def max_abs_diff(expected: np.ndarray, actual) -> float:
+    return float(np.max(np.abs(np.asarray(expected) - np.asarray(actual)))) if len(expected) else 0.0
+
+
+def save_reload_verify(model, target: str | os.PathLike, fmt: str, probe: np.ndarray,
+                       atol: float) -> RoundTrip:
+    """Saves ``model``, loads it back and checks that both give the same outputs on ``probe``.
+
+    Raises :class:`VerificationError` when the largest absolute difference exceeds ``atol``.
+    A SavedModel is also checked through its ``serving_default`` signature, the way TensorFlow
+    Serving would call it.
+    """
+    start = time.perf_counter()
+    path = save_model(model, target, fmt)
+    saved = time.perf_counter()
+    serving = None
+    if fmt == "savedmodel":
+        reloaded, loaded = load_savedmodel(path)
+    else:
+        reloaded, loaded = load_model(path), None
+    loaded_at = time.perf_counter()
+
+    expected = model(probe, training=False)
+    diff = max_abs_diff(expected, reloaded(probe, training=False))
+    if loaded is not None:
+        import tensorflow as tf
+
+        outputs = loaded.signatures["serving_default"](tf.constant(probe))
+        serving = max_abs_diff(expected, next(iter(outputs.values())))
+    worst = max(diff, serving or 0.0)
+    if not worst <= atol:  # also catches NaN
+        raise VerificationError(
+            f"The model reloaded from {path} differs from the model that was saved: largest "
+            f"absolute output difference {worst:.3g} > save_format.verify_atol={atol:g}.")
+    return RoundTrip(path=path, model=reloaded, max_abs_diff=diff, serving_max_abs_diff=serving,
+                     save_seconds=saved - start, load_seconds=loaded_at - saved,
+                     size_bytes=artifact_size(path))

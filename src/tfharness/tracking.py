@@ -1,0 +1,216 @@
+"""Tracking: everything a run records in MLflow, and nothing else touches MLflow.
+
+The contract users compare runs on: the resolved config as dotted params, one metric point per
+epoch under ``pretrain/`` and ``finetune/`` (the UI draws one chart group per prefix), the logged
+models, the config and overrides as artifacts, the trainable-layer report as a table, and a run
+status that says how the run ended. Per-epoch metrics go out with asynchronous batched logging so
+an epoch never waits on a database or network round trip, and a failed logging call is reported
+as a warning instead of ending training.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+
+from tfharness.config import TrackingConfig
+
+# MLflow accepts at most 100 params per batch call.
+PARAM_BATCH = 100
+PARAM_VALUE_LIMIT = 6000
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> Optional[str]:
+    """The commit checked out in ``cwd``, or None outside a git work tree."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def sqlite_artifact_root(uri: str) -> Optional[str]:
+    """Artifacts of a SQLite store go in ``mlartifacts/`` beside the database file.
+
+    Without this MLflow would put them in ``./mlruns`` of whatever directory the run started in.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    db_path = Path(uri[len(prefix):]).expanduser().resolve()
+    return (db_path.parent / "mlartifacts").as_uri()
+
+
+class Tracker:
+    """Records one run. This base class records nothing; see :class:`MlflowTracker`."""
+
+    run_id: Optional[str] = None
+
+    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
+        pass
+
+    def epoch_logger(self, prefix: str, step_offset: int = 0):
+        """A Keras callback logging ``<prefix>/<metric>`` at step ``step_offset + epoch``."""
+        import keras
+
+        return keras.callbacks.Callback()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> Optional[str]:
+        return None
+
+    def log_table(self, rows: List[Dict], artifact_file: str) -> None:
+        pass
+
+    def finish(self, error: Optional[BaseException] = None) -> None:
+        pass
+
+
+class MlflowTracker(Tracker):
+    """Logs to the MLflow tracking URI and experiment named in the config."""
+
+    def __init__(self, cfg: TrackingConfig):
+        self.cfg = cfg
+        self._client = None
+
+    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str]) -> None:
+        import mlflow
+        from mlflow.entities import Param
+
+        mlflow.set_tracking_uri(self.cfg.uri)
+        self._client = mlflow.MlflowClient(self.cfg.uri)
+        experiment = self._client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is None:
+            experiment_id = self._client.create_experiment(
+                self.cfg.experiment, artifact_location=sqlite_artifact_root(self.cfg.uri))
+        else:
+            experiment_id = experiment.experiment_id
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                               tags={**tags, **self.cfg.tags})
+        self.run_id = run.info.run_id
+        items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), PARAM_BATCH):
+            self._client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+
+    def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        try:
+            self._client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        except Exception as exc:  # never let tracking end a training run
+            warnings.warn(f"MLflow logging failed, training goes on: {exc}", stacklevel=2)
+
+    def epoch_logger(self, prefix: str, step_offset: int = 0):
+        import keras
+
+        tracker = self
+
+        class EpochLogger(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                metrics = {f"{prefix}/{k}": v for k, v in (logs or {}).items()
+                           if np.isscalar(v) or np.ndim(v) == 0}
+                tracker.log_metrics(metrics, step=step_offset + epoch)
+
+        return EpochLogger()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_text(text, artifact_file)
+
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> Optional[str]:
+        """Logs the saved ``artifact`` of ``model`` as an MLflow model.
+
+        ``mlflow.pyfunc.load_model`` predicts with it (see ``tfharness/mlflow_model.py``). The pip
+        requirements are given explicitly: inferring them costs seconds per model (a subprocess
+        that imports the model).
+        """
+        import keras
+        import mlflow
+        import tensorflow as tf
+        from mlflow.models import infer_signature
+
+        prediction = np.asarray(model(example, training=False))
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={"model": str(artifact)},
+            signature=infer_signature(example, prediction),
+            input_example=example,
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        )
+        return info.model_uri
+
+    def log_table(self, rows: List[Dict], artifact_file: str) -> None:
+        import mlflow
+
+        columns: Dict[str, list] = {}
+        for row in rows:
+            for key, value in row.items():
+                columns.setdefault(key, []).append(value)
+        mlflow.log_table(data=columns, artifact_file=artifact_file)
+
+    def finish(self, error: Optional[BaseException] = None) -> None:
+        import mlflow
+
+        if self.run_id is None:
+            return
+        status = "FINISHED"
+        try:
+            mlflow.flush_async_logging()
+        except Exception as exc:
+            warnings.warn(f"Some MLflow metrics could not be delivered: {exc}", stacklevel=2)
+        if error is not None:
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            message = f"{type(error).__name__}: {error}"
+            try:
+                mlflow.set_tag("error", message[:5000])
+            except Exception:
+                pass
+        mlflow.end_run(status=status)
+
+
+def make_tracker(cfg: TrackingConfig) -> Tracker:
+    return Tracker() if cfg.name == "off" else MlflowTracker(cfg)
+
+
+def run_tags(data: str, model: str, extra: Dict[str, str]) -> Dict[str, str]:
+    tags = {"data": data, "model": model, "command": " ".join(sys.argv), **extra}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def markdown_table(rows: Iterable[Dict]) -> str:
+    rows = list(rows)
+    if not rows:
+        return ""
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[h]) for h in headers) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
