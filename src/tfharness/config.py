@@ -77,8 +77,8 @@ class ModelConfig:
 @dataclass
 class MlpConfig(ModelConfig):
     name: str = "mlp"
-    # The seed's model: Dense(10, relu) then Dense(num_classes, softmax).
-    units: List[int] = field(default_factory=lambda: [10])
+    # Dense(units..., relu) then Dense(num_classes, softmax); the seed used units=[10].
+    units: List[int] = field(default_factory=lambda: [64])
 
 
 @dataclass

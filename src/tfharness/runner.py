@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from tfharness import models as model_lib
 from tfharness import serialization, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
 from tfharness.errors import ConfigError
+
+log = logging.getLogger("tfharness")
 
 REPORT_TABLE = "reports/trainable_layers.json"
 REPORT_MARKDOWN = "reports/trainable_layers.md"
@@ -106,6 +109,9 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
     if trip.serving_max_abs_diff is not None:
         measured["reload/serving_max_abs_diff"] = trip.serving_max_abs_diff
     tracker.log_metrics(measured, step=step)
+    log.info("%s: saved as %s to %s (%d bytes, %.2f s), reloaded in %.2f s, max abs diff %.3g",
+             stem, fmt, trip.path, trip.size_bytes, trip.save_seconds, trip.load_seconds,
+             max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
     result.metrics.update({f"{k}@{stem}": v for k, v in measured.items()})
     result.artifacts[stem] = trip.path
     if cfg.tracking.log_models:
@@ -139,6 +145,9 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
             "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
         }, step=index)
         reports.append(report)
+        log.info("finetune stage '%s': %d epochs at lr %g, %d trainable / %d frozen params, "
+                 "frozen weight change %g", stage.name, stage.epochs, stage.learning_rate,
+                 report.trainable_params, report.frozen_params, report.frozen_weight_change_max)
     return model, reports
 
 
@@ -198,6 +207,9 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name})
     tracker.start(run_name, flatten(cfg), tags)
     result = RunResult(run_id=tracker.run_id)
+    if tracker.run_id:
+        log.info("MLflow run %s ('%s') in experiment '%s' at %s", tracker.run_id, run_name,
+                 cfg.tracking.experiment, cfg.tracking.uri)
     try:
         tracker.log_text(resolved_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)),
                          "config.yaml")
@@ -212,6 +224,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
         tracker.log_metrics({f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
                             step=cfg.trainer.epochs)
         result.metrics.update({f"pretrain/test_{k}": v for k, v in pretrain_test.items()})
+        log.info("pretrain: %d epochs on %d samples, test accuracy %.4f", cfg.trainer.epochs,
+                 len(bundle.pretrain.train[0]), pretrain_test.get("accuracy", float("nan")))
 
         reloaded = _round_trip(cfg, tracker, model, "pretrained", 0, probe, result)
         final_model, final_split = reloaded, bundle.pretrain
@@ -234,6 +248,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
         test = _evaluate(final_model, final_split, cfg.trainer.batch_size)
         tracker.log_metrics({f"test/{k}": v for k, v in test.items()})
         result.metrics.update({f"test/{k}": v for k, v in test.items()})
+        log.info("test: loss %.4f, accuracy %.4f", test.get("loss", float("nan")),
+                 test.get("accuracy", float("nan")))
     except BaseException as error:
         tracker.finish(error)
         raise

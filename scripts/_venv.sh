@@ -1,0 +1,18 @@
+# Sourced by scripts/run and scripts/test: create .venv and install tfharness into it if missing.
+# EXTRAS picks the optional dependencies ("" or "dev").
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.tfharness-installed${EXTRAS:+-$EXTRAS}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "Creating $VENV ..." >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+# Reinstall when pyproject.toml changed since the last install.
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+  echo "Installing tfharness${EXTRAS:+[$EXTRAS]} into $VENV (first time: a few minutes) ..." >&2
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT${EXTRAS:+[$EXTRAS]}" >&2
+  touch "$STAMP"
+fi
