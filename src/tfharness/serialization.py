@@ -175,8 +175,18 @@ class RoundTrip:
     size_bytes: int
 
 
-def max_abs_diff(expected: np.ndarray, actual) -> float:
-    return float(np.max(np.abs(np.asarray(expected) - np.asarray(actual)))) if len(expected) else 0.0
+def check_outputs(expected: np.ndarray, actual, atol: float, where) -> float:
+    """The largest absolute difference of two model outputs; raises past ``atol`` (or on NaN)."""
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    if expected.shape != actual.shape:
+        raise VerificationError(f"The model reloaded from {where} gives outputs of shape "
+                                f"{actual.shape}, the saved model {expected.shape}.")
+    diff = float(np.max(np.abs(expected - actual))) if expected.size else 0.0
+    if not diff <= atol:  # also catches NaN
+        raise VerificationError(
+            f"The model reloaded from {where} differs from the model that was saved: largest "
+            f"absolute output difference {diff:.3g} > save_format.verify_atol={atol:g}.")
+    return diff
 
 
 def save_reload_verify(model, target: str | os.PathLike, fmt: str, probe: np.ndarray,
@@ -197,18 +207,14 @@ def save_reload_verify(model, target: str | os.PathLike, fmt: str, probe: np.nda
         reloaded, loaded = load_model(path), None
     loaded_at = time.perf_counter()
 
-    expected = model(probe, training=False)
-    diff = max_abs_diff(expected, reloaded(probe, training=False))
+    expected = np.asarray(model(probe, training=False))
+    diff = check_outputs(expected, reloaded(probe, training=False), atol, path)
     if loaded is not None:
         import tensorflow as tf
 
         outputs = loaded.signatures["serving_default"](tf.constant(probe))
-        serving = max_abs_diff(expected, next(iter(outputs.values())))
-    worst = max(diff, serving or 0.0)
-    if not worst <= atol:  # also catches NaN
-        raise VerificationError(
-            f"The model reloaded from {path} differs from the model that was saved: largest "
-            f"absolute output difference {worst:.3g} > save_format.verify_atol={atol:g}.")
+        serving = check_outputs(expected, next(iter(outputs.values())), atol,
+                                f"{path} (serving_default signature)")
     return RoundTrip(path=path, model=reloaded, max_abs_diff=diff, serving_max_abs_diff=serving,
                      save_seconds=saved - start, load_seconds=loaded_at - saved,
                      size_bytes=artifact_size(path))
