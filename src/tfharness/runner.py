@@ -89,6 +89,9 @@ def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: in
 def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
     if not len(split.test[0]):
         return {}
+    if not model.compiled:
+        # A model straight from disk has no loss or metrics yet; the optimizer is irrelevant here.
+        model_lib.compile_model(model, "sgd", 0.0)
     test = data_lib.make_dataset(split.test, batch_size, shuffle=False, seed=0)
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
 
