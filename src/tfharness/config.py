@@ -181,14 +181,18 @@ GROUP_SCHEMAS = {
 
 
 def register_configs() -> None:
-    """Registers the schemas in Hydra's ConfigStore as ``<group>/<option>_schema``."""
+    """Registers the schemas in Hydra's ConfigStore as ``schema_<group>_<option>``.
+
+    They are stored outside any group so ``--help`` lists only real options; each YAML option
+    pulls its schema in first with ``/schema_<group>_<option>@_here_``.
+    """
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="harness_schema", node=HarnessConfig)
     for group, options in GROUP_SCHEMAS.items():
         for option, schema in options.items():
-            store.store(group=group, name=f"{option}_schema", node=schema)
+            store.store(name=f"schema_{group}_{option}", node=schema)
 
 
 def to_typed(cfg: DictConfig | HarnessConfig) -> HarnessConfig:

@@ -1,0 +1,106 @@
+"""The command line as users type it: real subprocesses, real Hydra, real MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import TINY_SYNTHETIC
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUICK = [*TINY_SYNTHETIC, "model.units=[4]", "trainer.epochs=2", "finetune.epochs=1"]
+
+
+def tfharness(*args, cwd, module=False, env=None):
+    command = [sys.executable, "-m", "tfharness"] if module else [str(BIN / "tfharness")]
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def runs_of(db: Path):
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("tfharness")
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_help_and_cfg_job_answer_without_tensorflow(tmp_path):
+    start = time.perf_counter()
+    help_out = tfharness("--help", cwd=tmp_path)
+    assert help_out.returncode == 0
+    assert "data: digits, npz, synthetic" in help_out.stdout
+    assert "experiment: seed_example1, seed_example2, seed_example3, transfer_digits" in help_out.stdout
+    job = tfharness("--cfg", "job", "finetune.freeze=[0]", "model=cnn", cwd=tmp_path, module=True)
+    assert job.returncode == 0, job.stderr
+    assert "name: cnn" in job.stdout and "- '0'" in job.stdout
+    # Neither imported TensorFlow: each answers in a couple of seconds, not TF's 5+.
+    assert time.perf_counter() - start < 8
+    assert not list(tmp_path.iterdir())  # and wrote nothing
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["model=transformer"], "Could not find 'model/transformer'"),
+    (["trainer.epochs=ten"], "full_key: trainer.epochs"),
+    (["trainer.epochs=-1"], "tfharness: Invalid value for 'trainer.epochs': got -1; allowed: "
+                            "an integer >= 0."),
+    (["finetune.head.num_classes=0"], "'finetune.head.num_classes': got 0"),
+    (["data=npz", "data.path=/no/such.npz"], "'data.path': got '/no/such.npz'"),
+])
+def test_bad_input_is_one_clear_error_with_exit_1(tmp_path, args, expected):
+    result = tfharness(*args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert runs_of(tmp_path / "mlflow.db") == []
+
+
+def test_unmatched_freeze_selector_lists_the_layers_and_leaves_no_run(tmp_path):
+    result = tfharness(*QUICK, "finetune.freeze=[conv_*]", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "'finetune.freeze[0]': got 'conv_*'" in result.stderr
+    assert "0:dense_0, 1:head" in result.stderr and "Traceback" not in result.stderr
+    assert runs_of(tmp_path / "mlflow.db") == []
+    full = tfharness(*QUICK, "finetune.freeze=[conv_*]", cwd=tmp_path,
+                     env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr
+
+
+def test_default_command_runs_from_any_directory_into_local_sqlite(tmp_path):
+    result = tfharness(*QUICK, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("data.finetune_num_classes=3")
+    assert "Trainable layers per fine-tune stage" in result.stdout
+    outputs = list((tmp_path / "outputs").glob("*/*/models/finetuned/saved_model.pb"))
+    assert len(outputs) == 1
+    assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_multirun_sweeps_a_comma_list(tmp_path):
+    result = tfharness("-m", *QUICK, "finetune.learning_rate=0.01,0.001", cwd=tmp_path,
+                       module=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of(tmp_path / "mlflow.db")
+    assert sorted(r.data.params["finetune.learning_rate"] for r in runs) == ["0.001", "0.01"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert len(list((tmp_path / "multirun").glob("*/*/[01]/models/finetuned"))) == 2
+
+
+def test_configs_ship_in_a_regular_install(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(target), str(ROOT)], check=True,
+                   capture_output=True, timeout=300)
+    assert (target / "tfharness" / "conf" / "experiment" / "seed_example3.yaml").is_file()
+    job = subprocess.run([sys.executable, "-m", "tfharness", "--cfg", "job",
+                          "experiment=seed_example3"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(target)}, timeout=120)
+    assert job.returncode == 0, job.stderr
+    assert "freeze:\n  - '0'" in job.stdout
