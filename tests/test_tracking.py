@@ -1,0 +1,89 @@
+"""Tracking against a real `mlflow server` process on 127.0.0.1, and the run tags."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+import tfharness
+from tfharness import tracking
+
+from conftest import TINY_SYNTHETIC
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):
+    cfg = make_cfg([*TINY_SYNTHETIC, "tracking=server", f"tracking.uri={mlflow_server}",
+                    "tracking.experiment=shared", "model.units=[4]", "trainer.epochs=2",
+                    "finetune.epochs=1"])
+    result = tfharness.run(cfg)
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tracking.name"] == "server"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [0, 1]
+    # Artifacts went through the server into its artifact destination.
+    assert any((tmp_path / "server-artifacts").rglob("saved_model.pb"))
+    model = mlflow.pyfunc.load_model(result.model_uris["finetuned"])
+    assert model.predict(np.zeros((2, 12), np.float32)).shape == (2, 3)
+
+
+def test_tags_carry_the_git_commit_of_the_working_directory(tmp_path, monkeypatch):
+    repo = tmp_path / "project"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    tags = tracking.run_tags("digits", "cnn", {"finetune": "staged"})
+    assert tags["mlflow.source.git.commit"] == head
+    assert (tags["data"], tags["model"], tags["finetune"]) == ("digits", "cnn", "staged")
+    monkeypatch.chdir(tmp_path)
+    assert "mlflow.source.git.commit" not in tracking.run_tags("d", "m", {})
+
+
+def test_sqlite_artifacts_go_beside_the_database(tmp_path):
+    root = tracking.sqlite_artifact_root(f"sqlite:///{tmp_path}/sub/mlflow.db")
+    assert root == (tmp_path / "sub" / "mlartifacts").as_uri()
+    assert tracking.sqlite_artifact_root("http://127.0.0.1:5000") is None
