@@ -1,14 +1,32 @@
 """tfharness: train, save, reload, verify and fine-tune a Keras model as one tracked experiment.
 
 ``tfharness.run(cfg)`` runs an experiment from Python; ``tfharness.compose([...])`` builds the
-config the command line would. Importing this package does not import TensorFlow.
+config the command line would. Importing this package imports neither TensorFlow nor NumPy, so
+``tfharness --help`` answers at once; ``run`` and ``RunResult`` load on first use.
 """
 
-from tfharness.cli import compose
-from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError, DataError, HarnessError, SaveError, VerificationError
-from tfharness.runner import RunResult, run
 
 __version__ = "0.1.0"
 __all__ = ["compose", "run", "RunResult", "HarnessConfig", "HarnessError", "ConfigError",
            "DataError", "SaveError", "VerificationError"]
+
+
+def __getattr__(name):
+    if name in ("run", "RunResult"):
+        from tfharness import runner
+
+        return getattr(runner, name)
+    if name == "compose":
+        from tfharness.cli import compose
+
+        return compose
+    if name == "HarnessConfig":
+        from tfharness.config import HarnessConfig
+
+        return HarnessConfig
+    if name == "serialization":
+        import importlib
+
+        return importlib.import_module("tfharness.serialization")
+    raise AttributeError(f"module 'tfharness' has no attribute {name!r}")

@@ -17,6 +17,10 @@ from mlflow.pyfunc import PythonModel
 class KerasArtifactModel(PythonModel):
     """Predicts with a SavedModel through its ``serve`` endpoint, or with a Keras file."""
 
+    # The model takes tensors, which have no Python type hints for MLflow to validate (it would
+    # warn at every load); the signature logged with the model describes the input instead.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         path = context.artifacts["model"]
         if os.path.isdir(path):

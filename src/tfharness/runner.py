@@ -159,7 +159,10 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:
+        # Piped or logged output has no width to fit; 80 columns would wrap every cell.
+        console.width = 160
     if rows:
         table = Table(title="Trainable layers per fine-tune stage")
         for column in rows[0]:

@@ -146,18 +146,14 @@ class MlflowTracker(Tracker):
         from mlflow.models import infer_signature
 
         prediction = np.asarray(model(example, training=False))
-        with warnings.catch_warnings():
-            # The model takes tensors, so there are no Python type hints for MLflow to check.
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"model": str(artifact)},
-                signature=infer_signature(example, prediction),
-                input_example=example,
-                pip_requirements=[f"tensorflow=={tf.__version__}",
-                                  f"keras=={keras.__version__}"],
-            )
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={"model": str(artifact)},
+            signature=infer_signature(example, prediction),
+            input_example=example,
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        )
         return info.model_uri
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
