@@ -87,3 +87,12 @@ def test_sqlite_artifacts_go_beside_the_database(tmp_path):
     root = tracking.sqlite_artifact_root(f"sqlite:///{tmp_path}/sub/mlflow.db")
     assert root == (tmp_path / "sub" / "mlartifacts").as_uri()
     assert tracking.sqlite_artifact_root("http://127.0.0.1:5000") is None
+
+
+def test_an_unreachable_server_is_a_clear_error_before_training(make_cfg, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = free_port()  # nothing listens there
+    cfg = make_cfg([*TINY_SYNTHETIC, "tracking=server", f"tracking.uri=http://127.0.0.1:{port}"])
+    with pytest.raises(tfharness.HarnessError, match=f"tracking.uri='http://127.0.0.1:{port}'"):
+        tfharness.run(cfg)

@@ -5,11 +5,18 @@ config the command line would. Importing this package imports neither TensorFlow
 ``tfharness --help`` answers at once; ``run`` and ``RunResult`` load on first use.
 """
 
-from tfharness.errors import ConfigError, DataError, HarnessError, SaveError, VerificationError
+from tfharness.errors import (
+    ConfigError,
+    DataError,
+    HarnessError,
+    SaveError,
+    TrackingError,
+    VerificationError,
+)
 
 __version__ = "0.1.0"
 __all__ = ["compose", "run", "RunResult", "HarnessConfig", "HarnessError", "ConfigError",
-           "DataError", "SaveError", "VerificationError"]
+           "DataError", "SaveError", "TrackingError", "VerificationError"]
 
 
 def __getattr__(name):

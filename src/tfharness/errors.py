@@ -33,3 +33,7 @@ class VerificationError(HarnessError):
 
 class SaveError(HarnessError):
     """Writing or reading a model artifact failed."""
+
+
+class TrackingError(HarnessError):
+    """The MLflow tracking store named by ``tracking.uri`` cannot be used."""

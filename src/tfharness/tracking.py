@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from tfharness.config import TrackingConfig
+from tfharness.errors import TrackingError
 
 # MLflow accepts at most 100 params per batch call.
 PARAM_BATCH = 100
@@ -92,18 +93,28 @@ class MlflowTracker(Tracker):
 
         mlflow.set_tracking_uri(self.cfg.uri)
         self._client = mlflow.MlflowClient(self.cfg.uri)
-        experiment = self._client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            experiment_id = self._client.create_experiment(
-                self.cfg.experiment, artifact_location=sqlite_artifact_root(self.cfg.uri))
-        else:
-            experiment_id = experiment.experiment_id
+        try:
+            experiment = self._client.get_experiment_by_name(self.cfg.experiment)
+            if experiment is None:
+                experiment_id = self._client.create_experiment(
+                    self.cfg.experiment, artifact_location=sqlite_artifact_root(self.cfg.uri))
+            else:
+                experiment_id = experiment.experiment_id
+        except Exception as exc:
+            # Before any training: a store that cannot be reached is a setup error, not a crash.
+            raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri="
+                                f"{self.cfg.uri!r} (experiment {self.cfg.experiment!r}): "
+                                f"{type(exc).__name__}: {str(exc)[:500]}") from exc
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                                tags={**tags, **self.cfg.tags})
         self.run_id = run.info.run_id
         items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), PARAM_BATCH):
-            self._client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+        try:
+            for i in range(0, len(items), PARAM_BATCH):
+                self._client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+        except BaseException as error:
+            self.finish(error)
+            raise
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
