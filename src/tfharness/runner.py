@@ -168,7 +168,7 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
         for column in rows[0]:
             table.add_column(column, justify="right" if column != "layer" else "left")
         for row in rows:
-            table.add_row(*(tracking._cell(row[c]) for c in row))
+            table.add_row(*(tracking.format_cell(row[c]) for c in row))
         console.print(table)
     summary = Table(title="Results")
     summary.add_column("metric")

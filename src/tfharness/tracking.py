@@ -215,11 +215,11 @@ def markdown_table(rows: Iterable[Dict]) -> str:
     headers = list(rows[0])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[h]) for h in headers) + " |")
+        lines.append("| " + " | ".join(format_cell(row[h]) for h in headers) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value) -> str:
+def format_cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
