@@ -213,3 +213,16 @@ def test_an_error_during_the_run_marks_it_failed_with_the_message(make_cfg, clie
     assert run.info.status == "FAILED"
     assert "Error" in run.data.tags["error"]
     assert len(client.get_metric_history(run.info.run_id, "pretrain/loss")) == 1
+
+
+def test_continue_trains_the_reloaded_model_further_with_a_layer_frozen(make_cfg):
+    no_head = [o for o in TINY_SYNTHETIC if not o.startswith("finetune.head")]
+    result = tfharness.run(make_cfg([*no_head, "tracking=off", "finetune=continue",
+                                     "finetune.freeze=[dense_0]", "trainer.epochs=1",
+                                     "finetune.epochs=2"]))
+    rows = {r["layer"]: r for r in result.report}
+    assert list(rows) == ["dense_0", "output"]  # no head swap: the pretrained output stays
+    assert rows["dense_0"]["trainable"] is False
+    assert rows["dense_0"]["relative_weight_change"] == 0.0
+    assert rows["output"]["relative_weight_change"] > 0.0
+    assert result.metrics["reload/max_abs_diff@finetuned"] == 0.0
