@@ -77,6 +77,16 @@ def test_command_line_keys_users_type_most():
     assert isinstance(cfg.model, CnnConfig) and cfg.save_format.name == "h5"
 
 
+def test_continue_keeps_the_output_layer_unless_a_head_is_asked_for():
+    kept = typed(["finetune=continue"])
+    assert kept.finetune.new_head() is None
+    validate(kept)
+    swapped = typed(["finetune=continue", "finetune.head.num_classes=3"])
+    assert swapped.finetune.new_head().num_classes == 3
+    with pytest.raises(ConfigError, match="'finetune.head.pop': got 1; allowed: 0 when"):
+        validate(typed(["finetune=continue", "finetune.head.pop=1"]))
+
+
 def test_flatten_gives_dotted_params():
     flat = flatten(typed([]))
     assert flat["model.units"] == "[64]"

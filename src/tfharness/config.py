@@ -116,7 +116,8 @@ class SaveFormatConfig:
 class HeadConfig:
     # How many layers to drop from the end of the pretrained model before adding the head.
     pop: int = 1
-    num_classes: int = 5
+    # null keeps the pretrained model's own output layer (no head swap; pop must then be 0).
+    num_classes: Optional[int] = 5
     activation: str = "softmax"
 
 
@@ -132,7 +133,7 @@ class StageConfig:
 class FinetuneConfig:
     name: str = "none"
     enabled: bool = False
-    head: Optional[HeadConfig] = None
+    head: HeadConfig = field(default_factory=HeadConfig)
     # Selectors: an index ("0", "-2"), a slice ("0:-1"), a layer name, a glob ("conv*"), or
     # "@base" for every layer that came from the pretrained model.
     freeze: List[str] = field(default_factory=list)
@@ -142,6 +143,10 @@ class FinetuneConfig:
     batch_size: Optional[int] = None
     # When non-empty, stages replace the single stage described by freeze/learning_rate/epochs.
     stages: List[StageConfig] = field(default_factory=list)
+
+    def new_head(self) -> Optional[HeadConfig]:
+        """The head to attach, or None when the pretrained output layer is kept."""
+        return self.head if self.head.num_classes is not None else None
 
 
 # ----------------------------------------------------------------------------------- tracking
@@ -308,11 +313,14 @@ def validate(cfg: HarnessConfig) -> None:
         _check(ft.epochs >= 0, "finetune.epochs", ft.epochs, "an integer >= 0")
         if ft.batch_size is not None:
             _check(ft.batch_size >= 1, "finetune.batch_size", ft.batch_size, "an integer >= 1")
-        if ft.head is not None:
+        if ft.new_head() is not None:
             _check(ft.head.num_classes >= 1, "finetune.head.num_classes", ft.head.num_classes,
-                   "an integer >= 1")
+                   "an integer >= 1, or null to keep the pretrained output layer")
             _check(ft.head.pop >= 0, "finetune.head.pop", ft.head.pop, "an integer >= 0")
             _check_choice("finetune.head.activation", ft.head.activation, ACTIVATIONS)
+        else:
+            _check(ft.head.pop == 0, "finetune.head.pop", ft.head.pop,
+                   "0 when finetune.head.num_classes is null (no new head)")
         for i, selector in enumerate(ft.freeze):
             check_selector_syntax(f"finetune.freeze[{i}]", selector)
         for s, stage in enumerate(ft.stages):

@@ -49,14 +49,15 @@ def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
     if not ft.enabled:
         return
     needed = bundle.finetune.num_classes
-    if ft.head is not None:
+    if ft.new_head() is not None:
         if ft.head.num_classes < needed:
             raise ConfigError("finetune.head.num_classes", ft.head.num_classes,
                               f"an integer >= {needed}, the number of fine-tune classes in the "
                               f"'{bundle.name}' data")
     elif bundle.pretrain.num_classes < needed:
-        raise ConfigError("finetune.head", None, f"a new head: the fine-tune data has {needed} "
-                          f"classes, the pretrained output only {bundle.pretrain.num_classes}")
+        raise ConfigError("finetune.head.num_classes", None,
+                          f"a new head: the fine-tune data has {needed} classes, the pretrained "
+                          f"output only {bundle.pretrain.num_classes}")
 
 
 def _probe_batch(split: data_lib.Split, size: int) -> np.ndarray:
@@ -127,7 +128,8 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
 def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
               split: data_lib.Split, frozen_by_stage: List[set]) -> tuple:
     ft = cfg.finetune
-    model = ft_lib.attach_head(pretrained, ft.head) if ft.head else pretrained
+    head = ft.new_head()
+    model = ft_lib.attach_head(pretrained, head) if head else pretrained
     optimizer = ft.optimizer or cfg.trainer.optimizer
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
@@ -200,8 +202,9 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     frozen_by_stage: List[set] = []
     if cfg.finetune.enabled:
         base_names = model_lib.layer_names(model)
-        planned = ft_lib.planned_layers(base_names, cfg.finetune.head)
-        base_count = len(base_names) - (cfg.finetune.head.pop if cfg.finetune.head else 0)
+        head = cfg.finetune.new_head()
+        planned = ft_lib.planned_layers(base_names, head)
+        base_count = len(base_names) - (head.pop if head else 0)
         for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
             frozen_by_stage.append(ft_lib.resolve_selectors(
                 stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
