@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -76,15 +77,19 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int,
-         callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> None:
+         callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> Dict[str, float]:
+    """Trains and returns the wall time of ``fit`` and the training throughput it achieved."""
     if epochs <= 0:
-        return
+        return {}
     train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed)
     val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed)
            if len(split.val[0]) else None)
+    start = time.perf_counter()
     model.fit(train, validation_data=val, epochs=initial_epoch + epochs,
               initial_epoch=initial_epoch, callbacks=list(callbacks), verbose=verbose,
               shuffle=False)  # the tf.data pipeline already shuffles, seeded
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "samples_per_second": len(split.train[0]) * epochs / seconds}
 
 
 def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
@@ -133,27 +138,32 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
     optimizer = ft.optimizer or cfg.trainer.optimizer
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
-    epochs_done = 0
+    epochs_done, seconds, samples = 0, 0.0, 0
     for index, (stage, frozen) in enumerate(zip(ft_lib.stages_of(ft), frozen_by_stage)):
         ft_lib.apply_freeze(model, frozen)
         # A new compile is what makes the trainable flags above take effect.
         model_lib.compile_model(model, optimizer, stage.learning_rate)
         before = ft_lib.snapshot(model)
-        _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
-             seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
-             callbacks=[tracker.epoch_logger("finetune", step_offset=epochs_done)])
+        speed = _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
+                     seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
+                     callbacks=[tracker.epoch_logger("finetune", step_offset=epochs_done)])
         epochs_done += stage.epochs
+        seconds += speed.get("train_seconds", 0.0)
+        samples += len(split.train[0]) * stage.epochs
         report = ft_lib.stage_report(model, stage.name, frozen, before, ft_lib.snapshot(model))
         tracker.log_metrics({
             "finetune/trainable_params": report.trainable_params,
             "finetune/frozen_params": report.frozen_params,
             "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
+            **{f"finetune/{k}": v for k, v in speed.items()},
         }, step=index)
         reports.append(report)
         log.info("finetune stage '%s': %d epochs at lr %g, %d trainable / %d frozen params, "
                  "frozen weight change %g", stage.name, stage.epochs, stage.learning_rate,
                  report.trainable_params, report.frozen_params, report.frozen_weight_change_max)
-    return model, reports
+    speed = {"finetune/train_seconds": seconds,
+             "finetune/samples_per_second": samples / seconds} if seconds else {}
+    return model, reports, speed
 
 
 def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
@@ -226,20 +236,23 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
 
         probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
         model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
-        _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
-             batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
-             verbose=cfg.trainer.verbose, callbacks=[tracker.epoch_logger("pretrain")])
+        speed = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
+                     batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
+                     verbose=cfg.trainer.verbose, callbacks=[tracker.epoch_logger("pretrain")])
         pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
-        tracker.log_metrics({f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
-                            step=cfg.trainer.epochs)
-        result.metrics.update({f"pretrain/test_{k}": v for k, v in pretrain_test.items()})
+        measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
+                    **{f"pretrain/{k}": v for k, v in speed.items()}}
+        tracker.log_metrics(measured, step=cfg.trainer.epochs)
+        result.metrics.update(measured)
         log.info("pretrain: %d epochs on %d samples, test accuracy %.4f", cfg.trainer.epochs,
                  len(bundle.pretrain.train[0]), pretrain_test.get("accuracy", float("nan")))
 
         reloaded = _round_trip(cfg, tracker, model, "pretrained", 0, probe, result)
         final_model, final_split = reloaded, bundle.pretrain
         if cfg.finetune.enabled:
-            tuned, reports = _finetune(cfg, tracker, reloaded, bundle.finetune, frozen_by_stage)
+            tuned, reports, speed = _finetune(cfg, tracker, reloaded, bundle.finetune,
+                                              frozen_by_stage)
+            result.metrics.update(speed)
             result.report = [row for report in reports for row in report.rows]
             result.metrics["finetune/frozen_weight_change_max"] = max(
                 r.frozen_weight_change_max for r in reports)
