@@ -44,6 +44,15 @@ def test_help_and_cfg_job_answer_without_tensorflow(tmp_path):
     assert not list(tmp_path.iterdir())  # and wrote nothing
 
 
+def test_fast_help_prints_what_hydras_help_prints(tmp_path):
+    hydra_help = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv = ['tfharness', '--help', 'model=cnn']; "
+                               "from tfharness.cli import _hydra_main; _hydra_main()"],
+        cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "== Configuration groups ==" in hydra_help and "  name: cnn" in hydra_help
+    assert tfharness("--help", "model=cnn", cwd=tmp_path).stdout == hydra_help
+
+
 @pytest.mark.parametrize("args,expected", [
     (["model=transformer"], "Could not find 'model/transformer'"),
     (["trainer.epochs=ten"], "full_key: trainer.epochs"),

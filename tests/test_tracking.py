@@ -96,3 +96,21 @@ def test_an_unreachable_server_is_a_clear_error_before_training(make_cfg, monkey
     cfg = make_cfg([*TINY_SYNTHETIC, "tracking=server", f"tracking.uri=http://127.0.0.1:{port}"])
     with pytest.raises(tfharness.HarnessError, match=f"tracking.uri='http://127.0.0.1:{port}'"):
         tfharness.run(cfg)
+
+
+def test_a_call_that_fails_in_the_background_fails_the_run(tracking_uri, client):
+    from tfharness.config import TrackingConfig
+    from tfharness.errors import TrackingError
+
+    tracker = tracking.MlflowTracker(TrackingConfig(uri=tracking_uri, experiment="bg"))
+    tracker.start("r", {"a": "1"}, {})
+    tracker.log_metrics({"pretrain/loss": 0.5}, step=0)
+    tracker.log_metrics({"no good?": 1.0}, step=0)  # MLflow rejects this metric name
+    tracker.log_metrics({"pretrain/loss": 0.4}, step=1)  # later calls still go through
+    with pytest.raises(TrackingError, match="incomplete.*metrics at step 0"):
+        tracker.finish()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert "no good?" in run.data.tags["error"]
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "pretrain/loss")] == [
+        0.5, 0.4]

@@ -162,10 +162,22 @@ def load_data(cfg: DataConfig) -> DataBundle:
 
 
 def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int):
-    """A cached, shuffled, batched, prefetched ``tf.data`` pipeline over in-memory arrays."""
+    """A ``tf.data`` pipeline over in-memory arrays that shuffles indices, not samples.
+
+    Shuffling a dataset of samples moves every sample through the shuffle buffer one by one;
+    here one cached element holds the whole arrays, a seeded permutation of indices is batched,
+    and each batch is one ``tf.gather`` (what Keras itself does for NumPy input), prefetched.
+    """
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices(arrays).cache()
+    count = len(arrays[0])
+    whole = tf.data.Dataset.from_tensors(tuple(arrays)).cache().repeat()
+    indices = tf.data.Dataset.range(count)
     if shuffle:
-        dataset = dataset.shuffle(len(arrays[0]), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    indices = indices.batch(batch_size)
+    # A sequential map: a gather is cheap, prefetch overlaps it with training, and parallel
+    # calls only compete with the training ops for the cores (measured slower on 2 cores).
+    batches = tf.data.Dataset.zip((indices, whole)).map(
+        lambda index, data: (tf.gather(data[0], index), tf.gather(data[1], index)))
+    return batches.prefetch(tf.data.AUTOTUNE)

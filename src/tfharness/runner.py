@@ -124,9 +124,7 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
     result.metrics.update({f"{k}@{stem}": v for k, v in measured.items()})
     result.artifacts[stem] = trip.path
     if cfg.tracking.log_models:
-        uri = tracker.log_model(model, stem, probe[:5], trip.path)
-        if uri:
-            result.model_uris[stem] = uri
+        tracker.log_model(model, stem, probe[:5], trip.path)
     return trip.model
 
 
@@ -276,6 +274,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
         tracker.finish(error)
         raise
     tracker.finish()
+    result.model_uris.update(tracker.model_uris)
     if cfg.print_report:
         print_report(result.report, result.metrics, result.run_id, cfg)
     return result

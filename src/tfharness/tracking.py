@@ -3,18 +3,19 @@
 The contract users compare runs on: the resolved config as dotted params, one metric point per
 epoch under ``pretrain/`` and ``finetune/`` (the UI draws one chart group per prefix), the logged
 models, the config and overrides as artifacts, the trainable-layer report as a table, and a run
-status that says how the run ended. Per-epoch metrics go out with asynchronous batched logging so
-an epoch never waits on a database or network round trip, and a failed logging call is reported
-as a warning instead of ending training.
+status that says how the run ended. Logging happens on a background thread in call order, so
+an epoch never waits on a database or network round trip, and a failed logging call never ends
+training: it fails the run when the run ends.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -55,6 +56,10 @@ class Tracker:
 
     run_id: Optional[str] = None
 
+    def __init__(self):
+        # Logged model URIs by name, complete once finish() has returned.
+        self.model_uris: Dict[str, str] = {}
+
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str]) -> None:
         pass
 
@@ -70,8 +75,8 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> Optional[str]:
-        return None
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> None:
+        pass
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         pass
@@ -81,11 +86,22 @@ class Tracker:
 
 
 class MlflowTracker(Tracker):
-    """Logs to the MLflow tracking URI and experiment named in the config."""
+    """Logs to the MLflow tracking URI and experiment named in the config.
+
+    Opening the run happens here, in the caller's thread, so a store that cannot be used fails
+    before any training. Everything after that (metrics, texts, tables, models) goes, in order,
+    to one background thread, so the training loop never waits on the store: per-epoch metrics
+    cost a queue put, and logging the pretrained model overlaps fine-tuning. :meth:`finish`
+    drains the queue, then ends the run; a call that failed in the background fails the run.
+    """
 
     def __init__(self, cfg: TrackingConfig):
+        super().__init__()
         self.cfg = cfg
         self._client = None
+        self._queue: "queue.Queue" = queue.Queue()
+        self._worker: Optional[threading.Thread] = None
+        self._errors: List[str] = []
 
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str]) -> None:
         import mlflow
@@ -115,16 +131,35 @@ class MlflowTracker(Tracker):
         except BaseException as error:
             self.finish(error)
             raise
+        self._worker = threading.Thread(target=self._work, name="tfharness-tracking",
+                                        daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        import mlflow
+
+        # MLflow's active run is per thread: make this run the worker's active run too.
+        mlflow.start_run(run_id=self.run_id)
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            description, call = job
+            try:
+                call()
+            except Exception as exc:  # reported by finish(), never raised into training
+                self._errors.append(f"{description}: {type(exc).__name__}: {exc}")
+
+    def _submit(self, description: str, call) -> None:
+        self._queue.put((description, call))
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        try:
-            self._client.log_batch(self.run_id, metrics=batch, synchronous=False)
-        except Exception as exc:  # never let tracking end a training run
-            warnings.warn(f"MLflow logging failed, training goes on: {exc}", stacklevel=2)
+        self._submit(f"metrics at step {step}",
+                     lambda: self._client.log_batch(self.run_id, metrics=batch))
 
     def epoch_logger(self, prefix: str, step_offset: int = 0):
         import keras
@@ -142,30 +177,36 @@ class MlflowTracker(Tracker):
     def log_text(self, text: str, artifact_file: str) -> None:
         import mlflow
 
-        mlflow.log_text(text, artifact_file)
+        self._submit(f"text {artifact_file}", lambda: mlflow.log_text(text, artifact_file))
 
-    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> Optional[str]:
-        """Logs the saved ``artifact`` of ``model`` as an MLflow model.
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> None:
+        """Logs the saved ``artifact`` of ``model`` as an MLflow model, in the background.
 
         ``mlflow.pyfunc.load_model`` predicts with it (see ``tfharness/mlflow_model.py``). The pip
         requirements are given explicitly: inferring them costs seconds per model (a subprocess
-        that imports the model).
+        that imports the model). The URI lands in :attr:`model_uris` once :meth:`finish` ran.
         """
         import keras
         import mlflow
         import tensorflow as tf
         from mlflow.models import infer_signature
 
-        prediction = np.asarray(model(example, training=False))
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(Path(__file__).with_name("mlflow_model.py")),
-            artifacts={"model": str(artifact)},
-            signature=infer_signature(example, prediction),
-            input_example=example,
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-        )
-        return info.model_uri
+        # The prediction runs here, in the training thread, while the model is known to be idle.
+        signature = infer_signature(example, np.asarray(model(example, training=False)))
+        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+
+        def log() -> None:
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"model": str(artifact)},
+                signature=signature,
+                input_example=example,
+                pip_requirements=requirements,
+            )
+            self.model_uris[name] = info.model_uri
+
+        self._submit(f"model {name}", log)
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         import mlflow
@@ -174,26 +215,39 @@ class MlflowTracker(Tracker):
         for row in rows:
             for key, value in row.items():
                 columns.setdefault(key, []).append(value)
-        mlflow.log_table(data=columns, artifact_file=artifact_file)
+        self._submit(f"table {artifact_file}",
+                     lambda: mlflow.log_table(data=columns, artifact_file=artifact_file))
 
     def finish(self, error: Optional[BaseException] = None) -> None:
+        """Delivers everything queued, then ends the run: FINISHED, FAILED or KILLED.
+
+        Raises :class:`TrackingError` (after ending the run as FAILED) when something queued
+        could not be logged, so a run never looks complete in MLflow while it is not.
+        """
         import mlflow
 
         if self.run_id is None:
             return
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
         status = "FINISHED"
-        try:
-            mlflow.flush_async_logging()
-        except Exception as exc:
-            warnings.warn(f"Some MLflow metrics could not be delivered: {exc}", stacklevel=2)
+        message = None
         if error is not None:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             message = f"{type(error).__name__}: {error}"
+        elif self._errors:
+            status = "FAILED"
+            message = "Could not log " + "; ".join(self._errors)
+        if message:
             try:
-                mlflow.set_tag("error", message[:5000])
+                self._client.set_tag(self.run_id, "error", message[:5000])
             except Exception:
                 pass
         mlflow.end_run(status=status)
+        if error is None and self._errors:
+            raise TrackingError(f"MLflow run {self.run_id} is incomplete: {message[:2000]}")
 
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:

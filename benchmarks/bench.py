@@ -1,0 +1,367 @@
+"""tfharness against the references a user would pick instead, measured side by side.
+
+For each workload it runs, alternating A, B, C, A, B, C, ...: a plain Keras script doing the same
+work (``plain_keras.py``), the same script with ``mlflow.tensorflow.autolog()``, and ``tfharness``.
+Each run is a fresh process, timed from start to exit as a user would feel it, with its peak RSS
+from ``wait4``. Then, in this process: ``tf.data`` against NumPy input, achieved GFLOP/s against a
+matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job sweep in one
+process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
+``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
+
+Usage: scripts/bench [--repeats N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+WORKLOADS = {
+    # The default experiment (transfer_digits) exactly as `tfharness` runs it with no overrides.
+    "default": {
+        "data_name": "digits", "data": {}, "units": [64], "epochs": 15, "batch_size": 32,
+        "learning_rate": 1e-3, "finetune_epochs": 30, "finetune_learning_rate": 1e-2,
+        "head_classes": 5, "seed": 42, "overrides": [],
+    },
+    # Training dominates: two 512-wide layers on 60,000 synthetic 784-feature samples.
+    "large": {
+        "data_name": "synthetic",
+        "data": {"shape": [784], "num_samples": 60000, "num_classes": 10,
+                 "finetune_num_samples": 20000, "finetune_num_classes": 5},
+        "units": [512, 512], "epochs": 3, "batch_size": 128, "learning_rate": 1e-3,
+        "finetune_epochs": 2, "finetune_learning_rate": 1e-3, "head_classes": 5, "seed": 42,
+        "overrides": ["data=synthetic", "data.shape=[784]", "data.num_samples=60000",
+                      "data.num_classes=10", "data.finetune_num_samples=20000",
+                      "data.finetune_num_classes=5", "model.units=[512,512]",
+                      "trainer.epochs=3", "trainer.batch_size=128", "finetune.epochs=2",
+                      "finetune.learning_rate=1e-3", "finetune.head.num_classes=5"],
+    },
+}
+TINY = ["data=synthetic", "data.shape=[16]", "data.num_samples=60", "data.finetune_num_samples=40",
+        "data.num_classes=4", "data.finetune_num_classes=3", "finetune.head.num_classes=3",
+        "model.units=[8]", "trainer.epochs=1", "finetune.epochs=1", "print_report=false"]
+
+
+def timed(command, cwd) -> dict:
+    """Runs ``command``; returns wall seconds and the process's own peak RSS in MiB."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    # Read stderr while waiting so a chatty child never blocks on a full pipe.
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed ({process.returncode}):\n"
+                           f"{stderr.decode()[-3000:]}")
+    return {"wall": wall, "rss_mib": usage.ru_maxrss / 1024}
+
+
+def prepare_store(uri: str, experiment: str) -> None:
+    """Creates the SQLite store and experiment up front, as a user's existing store would be."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=(Path(uri[10:]).parent /
+                                                                "mlartifacts").as_uri())
+
+
+def harness_throughput(uri: str) -> float:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("tfharness")
+    run = client.search_runs([exp.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    return run.data.metrics["pretrain/samples_per_second"]
+
+
+def compare(name: str, work: dict, repeats: int, root: Path) -> dict:
+    folder = root / name
+    folder.mkdir()
+    plain_json = json.dumps({k: v for k, v in work.items() if k != "overrides"})
+    autolog_uri = f"sqlite:///{folder / 'autolog.db'}"
+    harness_uri = f"sqlite:///{folder / 'harness.db'}"
+    prepare_store(autolog_uri, "plain-autolog")
+    prepare_store(harness_uri, "tfharness")
+    metrics_file = folder / "plain.json"
+    ways = {
+        "plain": [sys.executable, str(HERE / "plain_keras.py"), "--workload", plain_json,
+                  "--metrics-out", str(metrics_file)],
+        "autolog": [sys.executable, str(HERE / "plain_keras.py"), "--workload", plain_json,
+                    "--autolog", "--tracking-uri", autolog_uri, "--metrics-out",
+                    str(metrics_file)],
+        "harness": [str(BIN / "tfharness"), *work["overrides"], f"tracking.uri={harness_uri}"],
+    }
+    samples = {way: [] for way in ways}
+    for repeat in range(repeats):
+        for way, command in ways.items():
+            measured = timed(command, folder)
+            if way == "harness":
+                measured["samples_per_s"] = harness_throughput(harness_uri)
+            else:
+                measured["samples_per_s"] = json.loads(metrics_file.read_text())[
+                    "pretrain/samples_per_second"]
+            samples[way].append(measured)
+            print(f"  {name} #{repeat + 1} {way}: {measured['wall']:.2f} s, "
+                  f"{measured['samples_per_s']:.0f} samples/s, {measured['rss_mib']:.0f} MiB",
+                  flush=True)
+    return {way: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
+            for way, runs in samples.items()}
+
+
+def input_pipeline_and_flops(work: dict) -> dict:
+    """samples/s of fit on NumPy vs the harness's tf.data pipeline; GFLOP/s vs a matmul peak."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tfharness.config import MlpConfig, SyntheticDataConfig
+    from tfharness.data import load_data, make_dataset
+    from tfharness.models import build_model, compile_model
+
+    split = load_data(SyntheticDataConfig(**work["data"])).pretrain
+    x, y = split.train
+    batch = work["batch_size"]
+
+    def throughput(feed) -> float:
+        keras.utils.set_random_seed(0)
+        model = build_model(MlpConfig(units=work["units"]), x.shape[1:], split.num_classes)
+        compile_model(model, "adam", 1e-3)
+        feed(model, 1)  # trace and warm up
+        start = time.perf_counter()
+        feed(model, 2)
+        return 2 * len(x) / (time.perf_counter() - start)
+
+    numpy_rate = throughput(lambda m, e: m.fit(x, y, batch_size=batch, epochs=e, verbose=0))
+    dataset = make_dataset((x, y), batch, shuffle=True, seed=0)
+    tfdata_rate = throughput(lambda m, e: m.fit(dataset, epochs=e, verbose=0, shuffle=False))
+
+    # Dense layers: 2*in*out FLOPs per sample forward; the backward pass costs about twice that.
+    widths = [int(np.prod(x.shape[1:])), *work["units"], split.num_classes]
+    flops_per_sample = 3 * sum(2 * a * b for a, b in zip(widths, widths[1:]))
+    n = 2048
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    tf.matmul(a, b).numpy()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            c = tf.matmul(a, b)
+        c.numpy()
+        best = min(best, (time.perf_counter() - start) / 4)
+    return {"numpy_samples_per_s": numpy_rate, "tfdata_samples_per_s": tfdata_rate,
+            "flops_per_sample": flops_per_sample, "matmul_peak_gflops": 2 * n ** 3 / best / 1e9}
+
+
+def save_formats(work: dict, folder: Path) -> list:
+    import pickle
+
+    import numpy as np
+
+    from tfharness import serialization
+    from tfharness.config import MlpConfig
+    from tfharness.models import build_model
+
+    model = build_model(MlpConfig(units=work["units"]), (784,), 10)
+    probe = np.random.default_rng(0).standard_normal((64, 784)).astype(np.float32)
+    rows = []
+    for fmt in ("savedmodel", "keras", "h5"):
+        trip = serialization.save_reload_verify(
+            model, serialization.artifact_path(folder, f"bench-{fmt}", fmt), fmt, probe, 1e-6)
+        verify_start = time.perf_counter()
+        serialization.check_outputs(np.asarray(model(probe)), np.asarray(trip.model(probe)), 1e-6,
+                                    fmt)
+        rows.append({"format": fmt, "save_s": trip.save_seconds,
+                     "reload_verify_s": trip.load_seconds + time.perf_counter() - verify_start,
+                     "size_kib": trip.size_bytes / 1024})
+    start = time.perf_counter()
+    blob = pickle.dumps(model)  # an in-memory .keras archive: no filesystem
+    saved = time.perf_counter()
+    restored = pickle.loads(blob)
+    serialization.check_outputs(np.asarray(model(probe)), np.asarray(restored(probe)), 1e-6, "ram")
+    rows.append({"format": "in-memory (.keras bytes)", "save_s": saved - start,
+                 "reload_verify_s": time.perf_counter() - saved, "size_kib": len(blob) / 1024})
+    return rows
+
+
+def logging_cost(folder: Path) -> dict:
+    """Wall time the training loop pays per epoch for tfharness' metric logging."""
+    import mlflow
+
+    from tfharness.config import TrackingConfig
+    from tfharness.tracking import MlflowTracker
+
+    uri = f"sqlite:///{folder / 'logging.db'}"
+    epoch = {"pretrain/loss": 0.5, "pretrain/accuracy": 0.9, "pretrain/val_loss": 0.6,
+             "pretrain/val_accuracy": 0.8}
+    calls = 200
+    tracker = MlflowTracker(TrackingConfig(uri=uri, experiment="logging-cost"))
+    tracker.start("background", {"p": "1"}, {})
+    start = time.perf_counter()
+    for step in range(calls):
+        tracker.log_metrics(epoch, step=step)
+    in_loop = (time.perf_counter() - start) / calls
+    start = time.perf_counter()
+    tracker.finish()  # waits until every point is in the store
+    drain = time.perf_counter() - start
+    client = mlflow.MlflowClient(uri)
+    points = len(client.get_metric_history(tracker.run_id, "pretrain/loss"))
+    # For comparison: the same points written synchronously, one log_batch per epoch.
+    run = client.create_run(client.get_experiment_by_name("logging-cost").experiment_id)
+    start = time.perf_counter()
+    for step in range(calls):
+        client.log_batch(run.info.run_id, metrics=[
+            mlflow.entities.Metric(k, v, 0, step) for k, v in epoch.items()])
+    synchronous = (time.perf_counter() - start) / calls
+    client.set_terminated(run.info.run_id)
+    return {"in_loop_ms_per_epoch": in_loop * 1e3, "drain_s": drain,
+            "sync_ms_per_epoch": synchronous * 1e3, "points_delivered": points,
+            "points_expected": calls}
+
+
+def startup(folder: Path, repeats: int) -> dict:
+    commands = {
+        "tfharness --help": ["--help"],
+        "tfharness --cfg job": ["--cfg", "job"],
+        "config error (trainer.epochs=-1)": ["trainer.epochs=-1"],
+    }
+    result = {}
+    for label, args in commands.items():
+        walls = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([str(BIN / "tfharness"), *args], cwd=folder, capture_output=True)
+            walls.append(time.perf_counter() - start)
+        result[label] = statistics.median(walls)
+    return result
+
+
+def sweeps(folder: Path, jobs: int = 8) -> dict:
+    uri = f"sqlite:///{folder / 'sweep.db'}"
+    prepare_store(uri, "tfharness")
+    seeds = ",".join(str(s) for s in range(jobs))
+    one = timed([str(BIN / "tfharness"), "-m", *TINY, f"tracking.uri={uri}",
+                 f"trainer.seed={seeds}"], folder)["wall"]
+    separate = 0.0
+    for seed in range(jobs):
+        separate += timed([str(BIN / "tfharness"), *TINY, f"tracking.uri={uri}",
+                           f"trainer.seed={seed}"], folder)["wall"]
+    return {"jobs": jobs, "one_process_s": one, "separate_s": separate}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()} "
+            f"{platform.machine()}, Python {platform.python_version()}, TensorFlow "
+            f"{tf.__version__}, Keras {keras.__version__}, MLflow {mlflow.__version__}")
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="one repeat of each, for checking that the script works")
+    parser.add_argument("--output", default=str(HERE / "results.md"))
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+
+    root = Path(tempfile.mkdtemp(prefix="tfharness-bench-"))
+    results = {}
+    for name, work in WORKLOADS.items():
+        print(f"workload {name}: {repeats} x (plain, autolog, harness)", flush=True)
+        results[name] = compare(name, work, repeats, root)
+    large = WORKLOADS["large"]
+    print("input pipeline, FLOP/s, save formats, logging cost, start-up, sweeps", flush=True)
+    pipeline = input_pipeline_and_flops(large)
+    formats = save_formats(large, root)
+    logging = logging_cost(root)
+    start = startup(root, repeats)
+    sweep = sweeps(root)
+
+    big, small = results["large"], results["default"]
+    ratio_plain = big["harness"]["wall"] / big["plain"]["wall"]
+    ratio_autolog = big["harness"]["wall"] / big["autolog"]["wall"]
+    rss_ratio = big["harness"]["rss_mib"] / big["plain"]["rss_mib"]
+    default_extra = small["harness"]["wall"] - small["plain"]["wall"]
+    gflops = big["harness"]["samples_per_s"] * pipeline["flops_per_sample"] / 1e9
+
+    lines = [f"# tfharness benchmark", "",
+             f"Machine: {machine()}.", "",
+             f"Median of {repeats} runs each, alternated plain, autolog, harness. Wall time is "
+             f"the whole process, start to exit (imports included); throughput is pretraining "
+             f"samples/s measured around `fit`; peak RSS from `wait4`.", ""]
+    lines += ["| workload | way | wall s | samples/s | peak RSS MiB |", "|---|---|---|---|---|"]
+    for name, ways in results.items():
+        for way, m in ways.items():
+            lines.append(f"| {name} | {way} | {m['wall']:.2f} | {m['samples_per_s']:.0f} | "
+                         f"{m['rss_mib']:.0f} |")
+    lines += ["", "| target | measured | |", "|---|---|---|",
+              f"| large: harness/plain wall <= 1.10 | {ratio_plain:.3f} | "
+              f"{verdict(ratio_plain <= 1.10)} |",
+              f"| large: harness/autolog wall < 1.0 | {ratio_autolog:.3f} | "
+              f"{verdict(ratio_autolog < 1.0)} |",
+              f"| large: harness/plain peak RSS <= 1.15 | {rss_ratio:.3f} | "
+              f"{verdict(rss_ratio <= 1.15)} |",
+              f"| default: harness - plain wall <= 2 s | {default_extra:+.2f} s | "
+              f"{verdict(default_extra <= 2.0)} |",
+              f"| tf.data >= NumPy fit throughput | {pipeline['tfdata_samples_per_s']:.0f} vs "
+              f"{pipeline['numpy_samples_per_s']:.0f} samples/s | "
+              f"{verdict(pipeline['tfdata_samples_per_s'] >= pipeline['numpy_samples_per_s'])} |",
+              f"| large: training GFLOP/s vs matmul peak | {gflops:.1f} of "
+              f"{pipeline['matmul_peak_gflops']:.1f} GFLOP/s "
+              f"({100 * gflops / pipeline['matmul_peak_gflops']:.0f}%) | reported |",
+              f"| logging one epoch, cost inside the training loop | "
+              f"{logging['in_loop_ms_per_epoch']:.3f} ms (written synchronously instead: "
+              f"{logging['sync_ms_per_epoch']:.2f} ms; background delivery of "
+              f"{logging['points_expected']} epochs finished {logging['drain_s']:.2f} s after; "
+              f"{logging['points_delivered']}/{logging['points_expected']} delivered) | "
+              f"{verdict(logging['points_delivered'] == logging['points_expected'])} |"]
+    for label, seconds in start.items():
+        lines.append(f"| start-up: {label} < 1 s | {seconds:.2f} s | {verdict(seconds < 1.0)} |")
+    lines.append(f"| sweep of {sweep['jobs']} jobs in one process <= half of {sweep['jobs']} "
+                 f"invocations | {sweep['one_process_s']:.1f} s vs {sweep['separate_s']:.1f} s | "
+                 f"{verdict(sweep['one_process_s'] <= sweep['separate_s'] / 2)} |")
+    lines += ["", "Save formats (the large workload's model, 784-512-512-10):", "",
+              "| format | save s | reload + verify s | size KiB |", "|---|---|---|---|"]
+    lines += [f"| {r['format']} | {r['save_s']:.3f} | {r['reload_verify_s']:.3f} | "
+              f"{r['size_kib']:.0f} |" for r in formats]
+    lines += ["", "Logged models carry explicit pip requirements: no requirement inference."]
+    Path(args.output).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"ratio harness/plain={ratio_plain:.3f} harness/autolog={ratio_autolog:.3f}")
+
+
+if __name__ == "__main__":
+    main()
