@@ -165,13 +165,14 @@ def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int):
     """A ``tf.data`` pipeline over in-memory arrays that shuffles indices, not samples.
 
     Shuffling a dataset of samples moves every sample through the shuffle buffer one by one;
-    here one cached element holds the whole arrays, a seeded permutation of indices is batched,
-    and each batch is one ``tf.gather`` (what Keras itself does for NumPy input), prefetched.
+    here one element holds the whole arrays (no ``cache()``: it would only keep a second copy), a
+    seeded permutation of indices is batched, and each batch is one ``tf.gather`` (what Keras
+    itself does for NumPy input), prefetched.
     """
     import tensorflow as tf
 
     count = len(arrays[0])
-    whole = tf.data.Dataset.from_tensors(tuple(arrays)).cache().repeat()
+    whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
     indices = tf.data.Dataset.range(count)
     if shuffle:
         indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)

@@ -63,8 +63,9 @@ def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
 
 def _probe_batch(split: data_lib.Split, size: int) -> np.ndarray:
     """A fixed batch to compare a model and its reload on: test samples, then validation."""
-    x = np.concatenate([split.test[0], split.val[0], split.train[0]])
-    return x[:size]
+    # Slice before concatenating: copying the whole training set for 64 rows cost 190 MB of
+    # peak memory on the 60,000-sample benchmark.
+    return np.concatenate([split.test[0][:size], split.val[0][:size], split.train[0][:size]])[:size]
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:
