@@ -147,9 +147,15 @@ def input_pipeline_and_flops(work: dict) -> dict:
         feed(model, 2)
         return 2 * len(x) / (time.perf_counter() - start)
 
-    numpy_rate = throughput(lambda m, e: m.fit(x, y, batch_size=batch, epochs=e, verbose=0))
     dataset = make_dataset((x, y), batch, shuffle=True, seed=0)
-    tfdata_rate = throughput(lambda m, e: m.fit(dataset, epochs=e, verbose=0, shuffle=False))
+    numpy_rates, tfdata_rates = [], []
+    # Alternate and take medians: one pair is too noisy on a small shared machine.
+    for _ in range(3):
+        numpy_rates.append(throughput(
+            lambda m, e: m.fit(x, y, batch_size=batch, epochs=e, verbose=0)))
+        tfdata_rates.append(throughput(
+            lambda m, e: m.fit(dataset, epochs=e, verbose=0, shuffle=False)))
+    numpy_rate, tfdata_rate = statistics.median(numpy_rates), statistics.median(tfdata_rates)
 
     # Dense layers: 2*in*out FLOPs per sample forward; the backward pass costs about twice that.
     widths = [int(np.prod(x.shape[1:])), *work["units"], split.num_classes]

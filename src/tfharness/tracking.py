@@ -139,12 +139,20 @@ class MlflowTracker(Tracker):
         import mlflow
 
         # MLflow's active run is per thread: make this run the worker's active run too.
-        mlflow.start_run(run_id=self.run_id)
+        try:
+            mlflow.start_run(run_id=self.run_id)
+            attached = None
+        except Exception as exc:
+            # Without it the fluent calls below would open a new run: log nothing, say so.
+            attached = f"{type(exc).__name__}: {exc}"
         while True:
             job = self._queue.get()
             if job is None:
                 return
             description, call = job
+            if attached is not None:
+                self._errors.append(f"{description}: not logged, run not resumable ({attached})")
+                continue
             try:
                 call()
             except Exception as exc:  # reported by finish(), never raised into training
