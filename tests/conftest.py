@@ -31,6 +31,7 @@ def make_cfg(tmp_path: Path, tracking_uri: str) -> Callable:
         return tfharness.compose([
             f"output_dir={tmp_path / out}",
             f"tracking.uri={tracking_uri}",
+            f"checkpoint_root={tmp_path / 'checkpoints'}",
             "print_report=false",
             *overrides,
         ])

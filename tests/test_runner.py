@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tfharness
-from tfharness.errors import ConfigError, DataError
+from tfharness.errors import ConfigError, DataError, SaveError
 
 from conftest import TINY_SYNTHETIC, only_run
 
@@ -23,6 +23,7 @@ def digits_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("digits")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = tfharness.compose([f"output_dir={tmp / 'out'}", f"tracking.uri={uri}",
+                             f"checkpoint_root={tmp / 'checkpoints'}",
                              "print_report=false", *DIGITS_QUICK])
     result = tfharness.run(cfg, overrides=DIGITS_QUICK)
     client = mlflow.MlflowClient(uri)
@@ -214,7 +215,8 @@ def test_an_error_during_the_run_marks_it_failed_with_the_message(make_cfg, clie
     out = tmp_path / "out"
     out.mkdir()
     (out / "models").write_text("a file where the models folder should go")
-    with pytest.raises(OSError):
+    # A clear error naming the path, not a bare OSError from deep inside Keras.
+    with pytest.raises(SaveError, match="Cannot write .*models/pretrained"):
         tfharness.run(make_cfg([*TINY_SYNTHETIC, "trainer.epochs=1"]))
     run = only_run(client)
     assert run.info.status == "FAILED"

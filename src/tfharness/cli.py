@@ -8,6 +8,7 @@ line (the full traceback with ``HYDRA_FULL_ERROR=1``). Nothing here imports Tens
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import List, Optional, Sequence
 
@@ -19,7 +20,7 @@ from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from tfharness.config import register_configs  # noqa: E402
-from tfharness.errors import HarnessError  # noqa: E402
+from tfharness.errors import HarnessError, RunInterrupted  # noqa: E402
 
 register_configs()
 
@@ -110,7 +111,14 @@ def main() -> None:
             return
         sys.stdout.write(text)
         return
-    _hydra_main()
+    try:
+        _hydra_main()
+    except RunInterrupted as interrupted:
+        # The run is already KILLED in MLflow with its checkpoint kept (see runner.run).
+        sys.stderr.write(f"tfharness: {interrupted}; the run is KILLED, its checkpoint kept: "
+                         f"repeat the command with resume=true to continue it\n")
+        number = getattr(signal, interrupted.signal_name, signal.SIGINT)
+        sys.exit(128 + int(number))
 
 
 if __name__ == "__main__":

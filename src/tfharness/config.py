@@ -21,6 +21,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam", "adagrad")
 ACTIVATIONS = ("softmax", "sigmoid", "linear", "relu", "tanh", "gelu", "elu", "selu", "swish")
 SAVE_FORMATS = ("savedmodel", "keras", "h5")
 TRACKING_MODES = ("local", "server", "off")
+ON_UNAVAILABLE = ("fail", "spool")
+RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 # --------------------------------------------------------------------------------------- data
@@ -159,6 +161,15 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_models: bool = True
     tags: Dict[str, str] = field(default_factory=dict)
+    # What to do when the store cannot be reached when the run starts: "fail" (a clear error
+    # before any training) or "spool" (log to a local SQLite store; replay it later with
+    # `python -m tfharness.sync`).
+    on_unavailable: str = "fail"
+    # Where spooled runs and undelivered logging calls wait for `tfharness.sync`.
+    spool_dir: str = "mlflow-spool"
+    # How long the end of a run waits for a store that went down mid-run before it spools what
+    # could not be delivered.
+    drain_timeout_s: float = 30.0
 
 
 # ------------------------------------------------------------------------------------- top
@@ -173,6 +184,12 @@ class HarnessConfig:
     # Where this run writes its models and reports; the CLI points it at Hydra's run folder.
     output_dir: str = MISSING
     print_report: bool = True
+    # false: a new run; true: continue the latest interrupted run with the same config, or start
+    # a new one if there is none; "<run_id>": continue that run.
+    resume: Any = False
+    # Per-run checkpoints (<checkpoint_root>/<run_id>/) for resume; stable across invocations,
+    # unlike output_dir, which is a new Hydra folder each time.
+    checkpoint_root: str = "checkpoints"
 
 
 GROUP_SCHEMAS = {
@@ -336,6 +353,18 @@ def validate(cfg: HarnessConfig) -> None:
         _check(bool(cfg.tracking.uri), "tracking.uri", cfg.tracking.uri, "a tracking URI")
         _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
                "a non-empty experiment name")
+    _check_choice("tracking.on_unavailable", cfg.tracking.on_unavailable, ON_UNAVAILABLE)
+    _check(cfg.tracking.drain_timeout_s >= 0, "tracking.drain_timeout_s",
+           cfg.tracking.drain_timeout_s, "a number of seconds >= 0")
+    resume = cfg.resume
+    if isinstance(resume, int) and not isinstance(resume, bool):
+        # An all-digit run id parses as an integer on the command line.
+        resume = cfg.resume = str(resume)
+    _check(isinstance(resume, bool) or (isinstance(resume, str) and bool(RUN_ID.match(resume))),
+           "resume", resume, "false, true, or the id of the run to continue (letters, digits, "
+           "'-' and '_')")
+    _check(bool(cfg.checkpoint_root), "checkpoint_root", cfg.checkpoint_root,
+           "a folder for per-run checkpoints")
     if cfg.tracking.name == "server":
         _check(cfg.tracking.uri.startswith(("http://", "https://")), "tracking.uri",
                cfg.tracking.uri, "an http:// or https:// URI when tracking=server")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -161,24 +161,45 @@ def load_data(cfg: DataConfig) -> DataBundle:
     raise DataError("data", getattr(cfg, "name", cfg), ["digits", "synthetic", "npz"])
 
 
-def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int):
+def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
+                 epochs: Optional[Tuple[int, int]] = None):
     """A ``tf.data`` pipeline over in-memory arrays that shuffles indices, not samples.
 
     Shuffling a dataset of samples moves every sample through the shuffle buffer one by one;
     here one element holds the whole arrays (no ``cache()``: it would only keep a second copy), a
     seeded permutation of indices is batched, and each batch is one ``tf.gather`` (what Keras
     itself does for NumPy input), prefetched.
+
+    With ``epochs=(first, end)`` and ``shuffle``, the pipeline holds the batches of epochs
+    ``first..end-1`` back to back, and epoch ``e`` is shuffled by ``(seed, e)`` alone (a stateless
+    shuffle). A run resumed at epoch ``e`` therefore sees exactly the batches an uninterrupted run
+    sees there; fit it with ``steps_per_epoch=steps_per_epoch(...)``.
     """
     import tensorflow as tf
 
     count = len(arrays[0])
     whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
-    indices = tf.data.Dataset.range(count)
-    if shuffle:
-        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-    indices = indices.batch(batch_size)
+    if shuffle and epochs is not None:
+        first, end = epochs
+        seed_tensor = tf.constant(seed, tf.int64)
+
+        def epoch_order(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(count, dtype=tf.int64), seed=tf.stack([seed_tensor, epoch]))
+            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+        indices = tf.data.Dataset.range(first, end).flat_map(epoch_order)
+    else:
+        indices = tf.data.Dataset.range(count)
+        if shuffle:
+            indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        indices = indices.batch(batch_size)
     # A sequential map: a gather is cheap, prefetch overlaps it with training, and parallel
     # calls only compete with the training ops for the cores (measured slower on 2 cores).
     batches = tf.data.Dataset.zip((indices, whole)).map(
         lambda index, data: (tf.gather(data[0], index), tf.gather(data[1], index)))
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(arrays: Arrays, batch_size: int) -> int:
+    return -(-len(arrays[0]) // batch_size)

@@ -37,3 +37,18 @@ class SaveError(HarnessError):
 
 class TrackingError(HarnessError):
     """The MLflow tracking store named by ``tracking.uri`` cannot be used."""
+
+
+class NumericalError(HarnessError):
+    """The training loss became NaN or infinite; the phase stopped and the run FAILED."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run: it ends KILLED with its last checkpoint kept.
+
+    A ``KeyboardInterrupt`` so that nothing on the way up swallows it as an ordinary error.
+    """
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(f"interrupted by {signal_name}")

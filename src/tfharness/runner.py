@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -21,12 +24,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from tfharness import checkpoint as ckpt_lib
 from tfharness import data as data_lib
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import serialization, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
-from tfharness.errors import ConfigError
+from tfharness.errors import ConfigError, RunInterrupted
 
 log = logging.getLogger("tfharness")
 
@@ -79,18 +83,25 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int,
          callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> Dict[str, float]:
-    """Trains and returns the wall time of ``fit`` and the training throughput it achieved."""
-    if epochs <= 0:
+    """Trains epochs ``initial_epoch..epochs-1``; returns the wall time and throughput of ``fit``.
+
+    Epoch ``e`` is shuffled by ``(seed, e)`` alone, so a run resumed at ``e`` trains on the same
+    batches as one that was never interrupted.
+    """
+    todo = epochs - initial_epoch
+    if todo <= 0:
         return {}
-    train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed)
+    train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed,
+                                  epochs=(initial_epoch, epochs))
     val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed)
            if len(split.val[0]) else None)
     start = time.perf_counter()
-    model.fit(train, validation_data=val, epochs=initial_epoch + epochs,
-              initial_epoch=initial_epoch, callbacks=list(callbacks), verbose=verbose,
+    model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
+              steps_per_epoch=data_lib.steps_per_epoch(split.train, batch_size),
+              callbacks=list(callbacks), verbose=verbose,
               shuffle=False)  # the tf.data pipeline already shuffles, seeded
     seconds = time.perf_counter() - start
-    return {"train_seconds": seconds, "samples_per_second": len(split.train[0]) * epochs / seconds}
+    return {"train_seconds": seconds, "samples_per_second": len(split.train[0]) * todo / seconds}
 
 
 def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
@@ -103,9 +114,18 @@ def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
 
 
-def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str, step: int,
-                probe: np.ndarray, result: RunResult):
-    """Save, reload, verify; record the measurements; log the model. Returns the reload."""
+def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
+                model, stem: str, step: int, probe: np.ndarray, result: RunResult):
+    """Save, reload, verify; record the measurements; log the model. Returns the reload.
+
+    A resumed run that did this already loads the verified artifact instead.
+    """
+    milestone = f"saved:{stem}"
+    if ckpt.done(milestone):
+        path = Path(ckpt.state.values["models"][stem])
+        result.artifacts[stem] = path
+        log.info("%s: already saved and verified at %s (resumed run)", stem, path)
+        return serialization.load_model(path)
     fmt = cfg.save_format.name
     target = serialization.artifact_path(Path(cfg.output_dir) / "models", stem, fmt)
     trip = serialization.save_reload_verify(model, target, fmt, probe,
@@ -118,6 +138,8 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
     }
     if trip.serving_max_abs_diff is not None:
         measured["reload/serving_max_abs_diff"] = trip.serving_max_abs_diff
+    models = {**ckpt.state.values.get("models", {}), stem: str(trip.path)}
+    ckpt.complete(milestone, measured, step, models=models)
     tracker.log_metrics(measured, step=step)
     log.info("%s: saved as %s to %s (%d bytes, %.2f s), reloaded in %.2f s, max abs diff %.3g",
              stem, fmt, trip.path, trip.size_bytes, trip.save_seconds, trip.load_seconds,
@@ -129,37 +151,61 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
     return trip.model
 
 
-def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
-              split: data_lib.Split, frozen_by_stage: List[set]) -> tuple:
+def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
+              pretrained, split: data_lib.Split, frozen_by_stage: List[set]) -> tuple:
     ft = cfg.finetune
     head = ft.new_head()
+    # Reseeded so the new head starts from the same weights whether or not this process also
+    # pretrained (a resumed run may start here).
+    _seed_everything(cfg.trainer.seed + 1, False)
     model = ft_lib.attach_head(pretrained, head) if head else pretrained
     optimizer = ft.optimizer or cfg.trainer.optimizer
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
     epochs_done, seconds, samples = 0, 0.0, 0
     for index, (stage, frozen) in enumerate(zip(ft_lib.stages_of(ft), frozen_by_stage)):
+        phase, milestone = f"finetune/{index}", f"finetune-stage:{index}"
+        if ckpt.done(milestone):
+            reports.append(ft_lib.StageReport(**ckpt.state.values[milestone]))
+            epochs_done += stage.epochs
+            continue
         ft_lib.apply_freeze(model, frozen)
         # A new compile is what makes the trainable flags above take effect.
         model_lib.compile_model(model, optimizer, stage.learning_rate)
-        before = ft_lib.snapshot(model)
+        done = ckpt.restore(model, phase)
+        if done == 0 and ckpt.state.checkpoint and ckpt.state.checkpoint.startswith("finetune"):
+            # Resumed before this stage's first epoch ended: start from the previous stage's end.
+            ckpt.load_newest_weights(model)
+        before = ckpt.load_arrays(f"stage-{index}-before") if done else None
+        if before is None:
+            before = ft_lib.snapshot(model)
+            ckpt.save_arrays(f"stage-{index}-before", before)
+        label = f"fine-tune stage '{stage.name}'"
         speed = _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
                      seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
-                     callbacks=[tracker.epoch_logger("finetune", step_offset=epochs_done)])
+                     initial_epoch=done,
+                     callbacks=[ckpt_lib.epoch_checkpointer(ckpt, tracker, phase, "finetune",
+                                                            step_offset=epochs_done,
+                                                            label=label)])
         epochs_done += stage.epochs
         seconds += speed.get("train_seconds", 0.0)
-        samples += len(split.train[0]) * stage.epochs
+        samples += len(split.train[0]) * (stage.epochs - done)
         report = ft_lib.stage_report(model, stage.name, frozen, before, ft_lib.snapshot(model))
-        tracker.log_metrics({
+        measured = {
             "finetune/trainable_params": report.trainable_params,
             "finetune/frozen_params": report.frozen_params,
             "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
             **{f"finetune/{k}": v for k, v in speed.items()},
-        }, step=index)
+        }
+        ckpt.complete(milestone, measured, index, **{milestone: dataclasses.asdict(report)})
+        tracker.log_metrics(measured, step=index)
         reports.append(report)
         log.info("finetune stage '%s': %d epochs at lr %g, %d trainable / %d frozen params, "
                  "frozen weight change %g", stage.name, stage.epochs, stage.learning_rate,
                  report.trainable_params, report.frozen_params, report.frozen_weight_change_max)
+    # All stages done in an earlier process: the tuned weights are in the newest checkpoint.
+    if seconds == 0.0 and ckpt.state.checkpoint and ckpt.state.checkpoint.startswith("finetune"):
+        ckpt.load_newest_weights(model)
     speed = {"finetune/train_seconds": seconds,
              "finetune/samples_per_second": samples / seconds} if seconds else {}
     return model, reports, speed
@@ -192,8 +238,49 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
                       f"{cfg.tracking.uri}")
 
 
+def _check_writable(key: str, folder: str) -> None:
+    """Fails before any training when ``folder`` cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tfharness-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(key, folder, f"a folder this process can write ({exc.strerror})") \
+            from None
+
+
+def _deliver_missing(cfg: HarnessConfig, tracker: tracking.Tracker,
+                     ckpt: ckpt_lib.RunCheckpoints, bundle: data_lib.DataBundle) -> None:
+    """Logs what the dead process recorded as done but may not have delivered to the store."""
+    state = ckpt.state
+    missing = tracker.missing_points(state.metrics)
+    by_step: Dict[int, Dict[str, float]] = {}
+    for key, value, step in missing:
+        by_step.setdefault(step, {})[key] = value
+    for step, metrics in sorted(by_step.items()):
+        tracker.log_metrics(metrics, step=step)
+    texts = state.values.get("texts", {})
+    for file in tracker.missing_artifacts(texts):
+        tracker.log_text(texts[file], file)
+    if state.values.get("report_rows") and tracker.missing_artifacts([REPORT_TABLE]):
+        tracker.log_table(state.values["report_rows"], REPORT_TABLE)
+    if cfg.tracking.log_models and state.values.get("models"):
+        logged = set(tracker.logged_model_names())
+        for stem, path in state.values["models"].items():
+            if stem not in logged:
+                split = bundle.finetune if stem == "finetuned" else bundle.pretrain
+                probe = _probe_batch(split, cfg.save_format.verify_batch_size)
+                tracker.log_model(serialization.load_model(path), stem, probe[:5], Path(path))
+    if missing:
+        log.info("resumed run: delivered %d metric points the interrupted process had not",
+                 len(missing))
+
+
 def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     """Runs one experiment end to end and returns what it measured and wrote.
+
+    With ``resume`` set, continues an interrupted run from its last completed epoch instead (see
+    :mod:`tfharness.checkpoint`).
 
     Args:
         cfg: a composed config (``DictConfig``) or a :class:`HarnessConfig`.
@@ -202,8 +289,23 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
     validate(cfg)
+    cfg_hash = ckpt_lib.config_hash(cfg)
+    resumed = ckpt_lib.find_resumable(cfg.checkpoint_root, cfg.resume, cfg_hash)
+    if resumed is not None:
+        # One run, one folder: the resumed run keeps writing where it started.
+        log.info("Resuming run %s (%s) from %s", resumed.run_id,
+                 ", ".join(f"{p}: {n} epochs" for p, n in resumed.epochs.items()) or "no epoch",
+                 resumed.output_dir)
+        cfg.output_dir = resumed.output_dir
+    elif cfg.resume is True:
+        log.info("resume=true: no interrupted run with this config in %s; starting a new run",
+                 cfg.checkpoint_root)
     bundle = data_lib.load_data(cfg.data)
     _check_classes(cfg, bundle)
+    _check_writable("output_dir", cfg.output_dir)
+    _check_writable("checkpoint_root", cfg.checkpoint_root)
+    serialization.sweep_partial_writes(Path(cfg.output_dir) / "models")
+    serialization.sweep_partial_writes(Path(cfg.output_dir) / "reports")
 
     # TensorFlow is imported from here on.
     _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
@@ -218,64 +320,140 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
             frozen_by_stage.append(ft_lib.resolve_selectors(
                 stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
     tracker = tracking.make_tracker(cfg.tracking)
     run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
     tags = tracking.run_tags(cfg.data.name, cfg.model.name, {
-        "save_format": cfg.save_format.name, "finetune": cfg.finetune.name})
-    tracker.start(run_name, flatten(cfg), tags)
+        "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
+        "tfharness.config_hash": cfg_hash})
+    same_store = resumed is not None and resumed.tracking_uri == cfg.tracking.uri
+    tracker.start(run_name, flatten(cfg), tags,
+                  resume_run_id=resumed.run_id if same_store and tracker.run_id is None
+                  and cfg.tracking.name != "off" else None)
+    for abandoned in ckpt_lib.abandoned_runs(cfg.checkpoint_root):
+        if resumed is not None and abandoned.run_id == resumed.run_id:
+            continue
+        # Found by a later run: a RUNNING run whose process is gone is KILLED, not running.
+        if abandoned.tracking_uri == cfg.tracking.uri:
+            tracker.mark_abandoned(abandoned.run_id, "its process died while the run was RUNNING")
+        ckpt_lib.RunCheckpoints(cfg.checkpoint_root, abandoned).end(
+            "killed", "process died (found by a later run)")
+
+    if resumed is not None:
+        state = resumed
+        state.status, state.reason, state.resumes = "running", None, state.resumes + 1
+    else:
+        state = ckpt_lib.RunState(run_id=tracker.run_id or f"local-{uuid.uuid4().hex}",
+                                  config_hash=cfg_hash, output_dir=str(cfg.output_dir),
+                                  tracking_uri=cfg.tracking.uri if tracker.run_id else "",
+                                  experiment=cfg.tracking.experiment)
+    ckpt = ckpt_lib.RunCheckpoints(cfg.checkpoint_root, state)
+    try:
+        ckpt.acquire()
+    except BaseException as error:
+        tracker.finish(error)
+        raise
     result = RunResult(run_id=tracker.run_id)
     if tracker.run_id:
         log.info("MLflow run %s ('%s') in experiment '%s' at %s", tracker.run_id, run_name,
                  cfg.tracking.experiment, cfg.tracking.uri)
     try:
-        tracker.log_text(resolved_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)),
-                         "config.yaml")
-        tracker.log_text(OmegaConf.to_yaml(list(overrides)), "overrides.yaml")
-
-        probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
-        model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
-        speed = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
-                     batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
-                     verbose=cfg.trainer.verbose, callbacks=[tracker.epoch_logger("pretrain")])
-        pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
-        measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
-                    **{f"pretrain/{k}": v for k, v in speed.items()}}
-        tracker.log_metrics(measured, step=cfg.trainer.epochs)
-        result.metrics.update(measured)
-        log.info("pretrain: %d epochs on %d samples, test accuracy %.4f", cfg.trainer.epochs,
-                 len(bundle.pretrain.train[0]), pretrain_test.get("accuracy", float("nan")))
-
-        reloaded = _round_trip(cfg, tracker, model, "pretrained", 0, probe, result)
-        final_model, final_split = reloaded, bundle.pretrain
-        if cfg.finetune.enabled:
-            tuned, reports, speed = _finetune(cfg, tracker, reloaded, bundle.finetune,
-                                              frozen_by_stage)
-            result.metrics.update(speed)
-            result.report = [row for report in reports for row in report.rows]
-            result.metrics["finetune/frozen_weight_change_max"] = max(
-                r.frozen_weight_change_max for r in reports)
-            ft_probe = _probe_batch(bundle.finetune, cfg.save_format.verify_batch_size)
-            final_model = _round_trip(cfg, tracker, tuned, "finetuned", 1, ft_probe, result)
-            final_split = bundle.finetune
-            if result.report:
-                tracker.log_table(result.report, REPORT_TABLE)
-                markdown = tracking.markdown_table(result.report)
-                tracker.log_text(markdown, REPORT_MARKDOWN)
-                report_file = Path(cfg.output_dir) / REPORT_MARKDOWN
-                serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
-                result.artifacts["report"] = report_file
-
-        test = _evaluate(final_model, final_split, cfg.trainer.batch_size)
-        tracker.log_metrics({f"test/{k}": v for k, v in test.items()})
-        result.metrics.update({f"test/{k}": v for k, v in test.items()})
-        log.info("test: loss %.4f, accuracy %.4f", test.get("loss", float("nan")),
-                 test.get("accuracy", float("nan")))
+        with ckpt_lib.interrupt_on_signals():
+            final_model, final_split = _run_phases(cfg, tracker, ckpt, bundle, model,
+                                                   frozen_by_stage, resolved_yaml, overrides,
+                                                   result)
+            if not ckpt.done("test"):
+                test = _evaluate(final_model, final_split, cfg.trainer.batch_size)
+                test = {f"test/{k}": v for k, v in test.items()}
+                ckpt.complete("test", test, 0)
+                tracker.log_metrics(test)
+            # Results measured by an earlier process of a resumed run come from the ledger.
+            stems = {0: "pretrained", 1: "finetuned"}
+            for key, value, step in ckpt.state.metrics:
+                if key.startswith("reload/"):
+                    result.metrics.setdefault(f"{key}@{stems.get(step, step)}", value)
+                elif key.startswith(("test/", "pretrain/test_")):
+                    result.metrics[key] = value
+            test = {k: v for k, v in result.metrics.items() if k.startswith("test/")}
+            log.info("test: loss %.4f, accuracy %.4f", test.get("test/loss", float("nan")),
+                     test.get("test/accuracy", float("nan")))
     except BaseException as error:
+        status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
+        ckpt.end(status, f"{type(error).__name__}: {error}")
         tracker.finish(error)
+        if isinstance(error, RunInterrupted):
+            log.warning("Run %s interrupted by %s: marked KILLED; its checkpoint is kept in %s; "
+                        "continue it with resume=true", state.run_id, error.signal_name, ckpt.dir)
         raise
-    tracker.finish()
+    try:
+        tracker.finish()
+    except BaseException as error:
+        ckpt.end("failed", f"{type(error).__name__}: {error}")
+        raise
+    ckpt.end("finished")
     result.model_uris.update(tracker.model_uris)
     if cfg.print_report:
         print_report(result.report, result.metrics, result.run_id, cfg)
     return result
+
+
+def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
+                bundle: data_lib.DataBundle, model, frozen_by_stage: List[set],
+                resolved_yaml: Optional[str], overrides: Sequence[str], result: RunResult):
+    """Pretrain, save and verify, fine-tune, save and verify; skips what a resumed run did."""
+    if ckpt.state.resumes:
+        _deliver_missing(cfg, tracker, ckpt, bundle)
+    if not ckpt.done("texts"):
+        texts = {"config.yaml": resolved_yaml or OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+                 "overrides.yaml": OmegaConf.to_yaml(list(overrides))}
+        ckpt.complete("texts", texts=texts)
+        for file, text in texts.items():
+            tracker.log_text(text, file)
+
+    probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
+    model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
+    if not ckpt.done("saved:pretrained"):
+        done = ckpt.restore(model, "pretrain")
+        speed = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
+                     batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
+                     verbose=cfg.trainer.verbose, initial_epoch=done,
+                     callbacks=[ckpt_lib.epoch_checkpointer(ckpt, tracker, "pretrain",
+                                                            "pretrain", label="pretraining")])
+        if not ckpt.done("pretrain-test"):
+            pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
+            measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
+                        **{f"pretrain/{k}": v for k, v in speed.items()}}
+            ckpt.complete("pretrain-test", measured, cfg.trainer.epochs)
+            tracker.log_metrics(measured, step=cfg.trainer.epochs)
+            result.metrics.update(measured)
+            log.info("pretrain: %d epochs on %d samples, test accuracy %.4f",
+                     cfg.trainer.epochs, len(bundle.pretrain.train[0]),
+                     pretrain_test.get("accuracy", float("nan")))
+
+    reloaded = _round_trip(cfg, tracker, ckpt, model, "pretrained", 0, probe, result)
+    final_model, final_split = reloaded, bundle.pretrain
+    if cfg.finetune.enabled:
+        if ckpt.done("saved:finetuned"):
+            tuned, speed = None, {}
+            reports = [ft_lib.StageReport(**ckpt.state.values[f"finetune-stage:{i}"])
+                       for i in range(len(frozen_by_stage))]
+        else:
+            tuned, reports, speed = _finetune(cfg, tracker, ckpt, reloaded, bundle.finetune,
+                                              frozen_by_stage)
+        result.metrics.update(speed)
+        result.report = [row for report in reports for row in report.rows]
+        result.metrics["finetune/frozen_weight_change_max"] = max(
+            r.frozen_weight_change_max for r in reports)
+        ft_probe = _probe_batch(bundle.finetune, cfg.save_format.verify_batch_size)
+        final_model = _round_trip(cfg, tracker, ckpt, tuned, "finetuned", 1, ft_probe, result)
+        final_split = bundle.finetune
+        if result.report and not ckpt.done("report"):
+            markdown = tracking.markdown_table(result.report)
+            report_file = Path(cfg.output_dir) / REPORT_MARKDOWN
+            serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
+            texts = {**ckpt.state.values.get("texts", {}), REPORT_MARKDOWN: markdown}
+            ckpt.complete("report", texts=texts, report_rows=result.report)
+            tracker.log_table(result.report, REPORT_TABLE)
+            tracker.log_text(markdown, REPORT_MARKDOWN)
+        if result.report:
+            result.artifacts["report"] = Path(cfg.output_dir) / REPORT_MARKDOWN
+    return final_model, final_split

@@ -50,31 +50,107 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# For tests only: "<name fragment>:<marker file>" makes atomic_write create the marker file and
+# pause for a minute once it has written a temporary whose target name contains the fragment, so
+# a test can kill the process in the middle of a save.
+SAVE_PAUSE_HOOK = "TFHARNESS_TEST_PAUSE_IN_SAVE"
+PARTIAL_MARKERS = (".tmp-", ".old-")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry itself is on disk.
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _pause_for_tests(target: Path) -> None:
+    hook = os.environ.get(SAVE_PAUSE_HOOK)
+    if not hook or ":" not in hook:
+        return
+    fragment, marker = hook.split(":", 1)
+    if fragment in target.name:
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(60)
+
+
 def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
     """Calls ``write(tmp)`` on a temporary sibling of ``target``, then renames it into place.
 
     A crash or an error at any point leaves either the previous artifact or the new one, never a
-    half-written file under ``target``'s name, and no temporary file behind on error.
+    half-written file under ``target``'s name, and no temporary file behind on error (after a
+    SIGKILL, :func:`sweep_partial_writes` removes the temporary). Raises :class:`SaveError`
+    when the folder cannot be written (read-only, full disk); the previous artifact stays.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(target)
     token = uuid.uuid4().hex[:8]
     # Keep the suffix: Keras picks the format from the file extension.
     tmp = target.with_name(f".{target.stem}.tmp-{token}{target.suffix}")
     old = target.with_name(f".{target.stem}.old-{token}{target.suffix}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         _fsync_tree(tmp)
+        _pause_for_tests(target)
         if target.is_dir():
-            # Directories cannot be swapped by one rename: move the old one aside first.
+            # Directories cannot be swapped by one rename: move the old one aside first
+            # (sweep_partial_writes puts it back if the process dies between the two renames).
             os.replace(target, old)
         os.replace(tmp, target)
-    except BaseException:
+        _fsync_dir(target.parent)
+    except BaseException as error:
         _remove(tmp)
         if old.exists() and not target.exists():
             os.replace(old, target)
+        if isinstance(error, OSError) or _is_os_error(error):
+            kept = "the previous version is kept" if target.exists() else "nothing was written"
+            raise SaveError(f"Cannot write {target}: {_os_reason(error)}; {kept}.") from error
         raise
     _remove(old)
     return target
+
+
+def _is_os_error(error: BaseException) -> bool:
+    # Keras and h5py wrap the OSError of a full or read-only disk in their own exceptions.
+    cause = error.__cause__ or error.__context__
+    return isinstance(cause, OSError) and not isinstance(error, (SaveError, KeyboardInterrupt))
+
+
+def _os_reason(error: BaseException) -> str:
+    found = error if isinstance(error, OSError) else (error.__cause__ or error.__context__)
+    if isinstance(found, OSError) and found.strerror:
+        return f"{found.strerror} ({type(found).__name__}, errno {found.errno})"
+    return f"{type(error).__name__}: {error}"
+
+
+def sweep_partial_writes(directory: str | os.PathLike) -> None:
+    """Cleans what a process killed inside :func:`atomic_write` left in ``directory``.
+
+    Removes temporaries; an ``.old-`` copy whose target is missing (killed between the two renames
+    of a directory swap) is the last complete version and is renamed back.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        name = path.name
+        if not name.startswith(".") or not any(m in name for m in PARTIAL_MARKERS):
+            continue
+        if ".old-" in name:
+            stem, _, rest = name[1:].partition(".old-")
+            suffix = rest[8:]  # after the 8-character token
+            original = directory / f"{stem}{suffix}"
+            if not original.exists():
+                os.replace(path, original)
+                continue
+        _remove(path)
 
 
 def _write_savedmodel(model, path: Path) -> None:

@@ -19,10 +19,14 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+import logging
+
 import numpy as np
 
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
+
+log = logging.getLogger("tfharness")
 
 # MLflow accepts at most 100 params per batch call.
 PARAM_BATCH = 100
@@ -60,8 +64,22 @@ class Tracker:
         # Logged model URIs by name, complete once finish() has returned.
         self.model_uris: Dict[str, str] = {}
 
-    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str]) -> None:
+    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
+              resume_run_id: Optional[str] = None) -> None:
         pass
+
+    def mark_abandoned(self, run_id: str, reason: str) -> None:
+        """Ends a run whose process died (left RUNNING) as KILLED, saying why."""
+
+    def missing_points(self, points: List[list]) -> List[list]:
+        """The ``[key, value, step]`` points of a resumed run that the store lacks."""
+        return []
+
+    def missing_artifacts(self, files: Iterable[str]) -> List[str]:
+        return []
+
+    def logged_model_names(self) -> List[str]:
+        return []
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         pass
@@ -89,41 +107,82 @@ class MlflowTracker(Tracker):
     """Logs to the MLflow tracking URI and experiment named in the config.
 
     Opening the run happens here, in the caller's thread, so a store that cannot be used fails
-    before any training. Everything after that (metrics, texts, tables, models) goes, in order,
-    to one background thread, so the training loop never waits on the store: per-epoch metrics
-    cost a queue put, and logging the pretrained model overlaps fine-tuning. :meth:`finish`
-    drains the queue, then ends the run; a call that failed in the background fails the run.
+    before any training (or, with ``tracking.on_unavailable=spool``, the run goes to a local
+    spool store, see :mod:`tfharness.spool`). Everything after that (metrics, texts, tables,
+    models) goes, in order, to one background thread, so the training loop never waits on the
+    store: per-epoch metrics cost a queue put, and logging the pretrained model overlaps
+    fine-tuning. When a tracking server stops answering, the thread keeps the call that failed
+    and retries it with backoff, in order, while training goes on; :meth:`finish` waits up to
+    ``tracking.drain_timeout_s`` for the server to come back, then spools what is left for
+    ``python -m tfharness.sync``. A call that failed for another reason fails the run.
     """
 
     def __init__(self, cfg: TrackingConfig):
         super().__init__()
         self.cfg = cfg
+        self.uri = cfg.uri
+        self.spooled_run = False  # the whole run went to the spool store
         self._client = None
+        self._experiment_id: Optional[str] = None
         self._queue: "queue.Queue" = queue.Queue()
         self._worker: Optional[threading.Thread] = None
         self._errors: List[str] = []
+        self._abandon = threading.Event()
+        self._undelivered: List[tuple] = []
+        self._outage_since: Optional[float] = None
+        self._outages: List[float] = []
+        self._delayed = 0
+        # What log_model was asked for: a spooled run's models are logged again by the sync.
+        self.model_specs: List[Dict] = []
 
-    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str]) -> None:
+    def _open_experiment(self, client, uri: str) -> str:
+        experiment = client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        return client.create_experiment(self.cfg.experiment,
+                                        artifact_location=sqlite_artifact_root(uri))
+
+    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
+              resume_run_id: Optional[str] = None) -> None:
+        """Opens a new run, or reopens ``resume_run_id`` (its params are already logged)."""
         import mlflow
         from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
 
-        mlflow.set_tracking_uri(self.cfg.uri)
-        self._client = mlflow.MlflowClient(self.cfg.uri)
+        if self.uri.startswith(("http://", "https://")):
+            # tfharness retries in the background; MLflow's own retries (minutes, with backoff)
+            # would only hold the queue behind one call.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self._client = mlflow.MlflowClient(self.uri)
         try:
-            experiment = self._client.get_experiment_by_name(self.cfg.experiment)
-            if experiment is None:
-                experiment_id = self._client.create_experiment(
-                    self.cfg.experiment, artifact_location=sqlite_artifact_root(self.cfg.uri))
-            else:
-                experiment_id = experiment.experiment_id
+            self._experiment_id = self._open_experiment(self._client, self.uri)
         except Exception as exc:
-            # Before any training: a store that cannot be reached is a setup error, not a crash.
-            raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri="
-                                f"{self.cfg.uri!r} (experiment {self.cfg.experiment!r}): "
-                                f"{type(exc).__name__}: {str(exc)[:500]}") from exc
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                               tags={**tags, **self.cfg.tags})
-        self.run_id = run.info.run_id
+            if self.cfg.on_unavailable != "spool" or resume_run_id is not None:
+                # Before any training: a store that cannot be reached is a setup error.
+                raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri="
+                                    f"{self.cfg.uri!r} (experiment {self.cfg.experiment!r}): "
+                                    f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+            from tfharness import spool
+
+            self.uri = spool.spool_uri(self.cfg.spool_dir)
+            self._client = mlflow.MlflowClient(self.uri)
+            self._experiment_id = self._open_experiment(self._client, self.uri)
+            self.spooled_run = True
+            tags = {**tags, spool.TARGET_URI: self.cfg.uri,
+                    spool.SPOOL_REASON: f"{type(exc).__name__}: {str(exc)[:300]}"}
+            log.warning("MLflow store %s unreachable (%s): logging to the spool %s; replay it "
+                        "with `python -m tfharness.sync %s`", self.cfg.uri,
+                        type(exc).__name__, self.uri, self.cfg.spool_dir)
+        mlflow.set_tracking_uri(self.uri)
+        if resume_run_id is not None:
+            self._reopen(resume_run_id, tags)
+            params = {}
+        else:
+            run = self._client.create_run(
+                self._experiment_id, run_name=run_name,
+                tags=resolve_tags({**tags, **self.cfg.tags}))
+            self.run_id = run.info.run_id
         items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
         try:
             for i in range(0, len(items), PARAM_BATCH):
@@ -135,39 +194,131 @@ class MlflowTracker(Tracker):
                                         daemon=True)
         self._worker.start()
 
+    def _reopen(self, run_id: str, tags: Dict[str, str]) -> None:
+        try:
+            previous = self._client.get_run(run_id)
+        except Exception as exc:
+            raise TrackingError(f"Cannot resume MLflow run {run_id} in {self.uri!r}: "
+                                f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+        if previous.info.status == "RUNNING":
+            # Its process died without a word (SIGKILL, OOM): say so before it runs again.
+            self.mark_abandoned(run_id, "its process died while the run was RUNNING")
+        self._client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        resumes = int(previous.data.tags.get("tfharness.resumes", "0")) + 1
+        self._client.set_tag(run_id, "tfharness.resumes", str(resumes))
+        self._client.set_tag(run_id, "tfharness.last_command", tags.get("command", "")[:5000])
+
+    def mark_abandoned(self, run_id: str, reason: str) -> None:
+        try:
+            self._client.set_tag(run_id, "tfharness.interrupted",
+                                 f"{reason}; marked KILLED at "
+                                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+            self._client.set_terminated(run_id, status="KILLED")
+        except Exception:  # a run of another store, or deleted: nothing to mark
+            return
+
+    def missing_points(self, points: List[list]) -> List[list]:
+        present: Dict[str, set] = {}
+        missing = []
+        for key, value, step in points:
+            if key not in present:
+                present[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+            if step not in present[key]:
+                missing.append([key, value, step])
+                present[key].add(step)
+        return missing
+
+    def missing_artifacts(self, files: Iterable[str]) -> List[str]:
+        missing = []
+        for file in files:
+            folder = str(Path(file).parent) if "/" in file else None
+            listed = {a.path for a in self._client.list_artifacts(self.run_id, folder)}
+            if file not in listed:
+                missing.append(file)
+        return missing
+
+    def logged_model_names(self) -> List[str]:
+        models = self._client.search_logged_models(
+            [self._experiment_id], filter_string=f"source_run_id = '{self.run_id}'")
+        return [m.name for m in models]
+
+    # ------------------------------------------------------------------ background delivery
     def _work(self) -> None:
         import mlflow
 
-        # MLflow's active run is per thread: make this run the worker's active run too.
-        try:
-            mlflow.start_run(run_id=self.run_id)
-            attached = None
-        except Exception as exc:
-            # Without it the fluent calls below would open a new run: log nothing, say so.
-            attached = f"{type(exc).__name__}: {exc}"
+        # MLflow's active run is per thread: make this run the worker's active run too (model
+        # logging goes through the fluent API). Retried like any call while the store is down.
+        attached = False
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            description, call = job
-            if attached is not None:
-                self._errors.append(f"{description}: not logged, run not resumable ({attached})")
-                continue
-            try:
-                call()
-            except Exception as exc:  # reported by finish(), never raised into training
-                self._errors.append(f"{description}: {type(exc).__name__}: {exc}")
+            while True:
+                if self._abandon.is_set():
+                    self._undelivered.append(job)
+                    break
+                try:
+                    if not attached:
+                        mlflow.start_run(run_id=self.run_id)
+                        attached = True
+                    self.deliver(job, self._client, self.run_id)
+                except Exception as exc:  # reported by finish(), never raised into training
+                    if is_unreachable(exc):
+                        self._wait_for_store(job)
+                        continue
+                    self._errors.append(f"{job[1]}: {type(exc).__name__}: {exc}")
+                    break
+                if self._outage_since is not None:
+                    self._outages.append(time.time() - self._outage_since)
+                    self._outage_since = None
+                    log.warning("MLflow store %s is back; delivering the calls kept meanwhile",
+                                self.uri)
+                break
 
-    def _submit(self, description: str, call) -> None:
-        self._queue.put((description, call))
+    def _wait_for_store(self, job: tuple) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.time()
+            log.warning("MLflow store %s unreachable; training goes on, logging calls are "
+                        "kept and retried", self.uri)
+        if not job[-1]:
+            job[-1] = True  # count each delayed call once
+            self._delayed += 1
+        waited = time.time() - self._outage_since
+        self._abandon.wait(min(0.25 * 2 ** min(waited, 4), 2.0))
+
+    def deliver(self, job: tuple, client, run_id: str) -> None:
+        """Performs one queued logging call against ``client``'s store."""
+        import mlflow
+
+        kind, _, payload, _ = job
+        if kind == "metrics":
+            client.log_batch(run_id, metrics=payload)
+        elif kind == "text":
+            client.log_text(run_id, payload["text"], payload["file"])
+        elif kind == "table":
+            client.log_table(run_id, data=payload["columns"], artifact_file=payload["file"])
+        elif kind == "model":
+            info = mlflow.pyfunc.log_model(
+                name=payload["name"],
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                artifacts={"model": str(payload["artifact"])},
+                signature=payload["signature"],
+                input_example=payload["example"],
+                pip_requirements=payload["requirements"],
+            )
+            self.model_uris[payload["name"]] = info.model_uri
+
+    def _submit(self, kind: str, description: str, payload) -> None:
+        # [kind, description, payload, counted as delayed]
+        self._queue.put([kind, description, payload, False])
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._submit(f"metrics at step {step}",
-                     lambda: self._client.log_batch(self.run_id, metrics=batch))
+        self._submit("metrics", f"metrics at step {step}", batch)
 
     def epoch_logger(self, prefix: str, step_offset: int = 0):
         import keras
@@ -183,9 +334,7 @@ class MlflowTracker(Tracker):
         return EpochLogger()
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        import mlflow
-
-        self._submit(f"text {artifact_file}", lambda: mlflow.log_text(text, artifact_file))
+        self._submit("text", f"text {artifact_file}", {"text": text, "file": artifact_file})
 
     def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> None:
         """Logs the saved ``artifact`` of ``model`` as an MLflow model, in the background.
@@ -195,51 +344,52 @@ class MlflowTracker(Tracker):
         that imports the model). The URI lands in :attr:`model_uris` once :meth:`finish` ran.
         """
         import keras
-        import mlflow
         import tensorflow as tf
         from mlflow.models import infer_signature
 
         # The prediction runs here, in the training thread, while the model is known to be idle.
         signature = infer_signature(example, np.asarray(model(example, training=False)))
         requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-
-        def log() -> None:
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"model": str(artifact)},
-                signature=signature,
-                input_example=example,
-                pip_requirements=requirements,
-            )
-            self.model_uris[name] = info.model_uri
-
-        self._submit(f"model {name}", log)
+        spec = {"name": name, "artifact": str(artifact), "signature": signature,
+                "example": example, "requirements": requirements}
+        self.model_specs.append(spec)
+        self._submit("model", f"model {name}", spec)
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
-        import mlflow
-
         columns: Dict[str, list] = {}
         for row in rows:
             for key, value in row.items():
                 columns.setdefault(key, []).append(value)
-        self._submit(f"table {artifact_file}",
-                     lambda: mlflow.log_table(data=columns, artifact_file=artifact_file))
+        self._submit("table", f"table {artifact_file}",
+                     {"columns": columns, "file": artifact_file})
+
+    def _drain(self) -> None:
+        """Waits for the queue; gives up on a store that stays down past the drain timeout."""
+        self._queue.put(None)
+        while self._worker.is_alive():
+            self._worker.join(0.2)
+            down_for = time.time() - self._outage_since if self._outage_since else 0.0
+            if down_for > self.cfg.drain_timeout_s:
+                self._abandon.set()
+        self._worker.join()
+        self._worker = None
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+                self._undelivered.append(job)
 
     def finish(self, error: Optional[BaseException] = None) -> None:
         """Delivers everything queued, then ends the run: FINISHED, FAILED or KILLED.
 
         Raises :class:`TrackingError` (after ending the run as FAILED) when something queued
-        could not be logged, so a run never looks complete in MLflow while it is not.
+        could not be logged, so a run never looks complete in MLflow while it is not. Calls kept
+        through a server outage that outlasted ``tracking.drain_timeout_s`` are spooled
+        instead, with the run's final status, and a warning says how to deliver them.
         """
-        import mlflow
-
         if self.run_id is None:
             return
         if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join()
-            self._worker = None
+            self._drain()
         status = "FINISHED"
         message = None
         if error is not None:
@@ -248,14 +398,53 @@ class MlflowTracker(Tracker):
         elif self._errors:
             status = "FAILED"
             message = "Could not log " + "; ".join(self._errors)
-        if message:
+        tags = {"error": message[:5000]} if message else {}
+        if self._outages or self._undelivered:
+            tags["tfharness.tracking_outage"] = (
+                f"store unreachable {len(self._outages) + bool(self._undelivered)} time(s); "
+                f"{self._delayed} logging call(s) delayed"
+                + (f", {len(self._undelivered)} spooled for `python -m tfharness.sync`"
+                   if self._undelivered else ", all delivered late, none lost"))
+        if self._undelivered:
+            from tfharness import spool
+
+            where = spool.spool_tail(self, self._undelivered, status, tags)
+            log.warning("MLflow store %s still unreachable after %.0f s: %d logging calls and "
+                        "the run's status %s are spooled in %s; deliver them with `python -m "
+                        "tfharness.sync %s`", self.uri, self.cfg.drain_timeout_s,
+                        len(self._undelivered), status, where, self.cfg.spool_dir)
+        elif self.spooled_run:
+            from tfharness import spool
+
+            spool.spool_tail(self, [], status, tags)
+        else:
             try:
-                self._client.set_tag(self.run_id, "error", message[:5000])
-            except Exception:
-                pass
-        mlflow.end_run(status=status)
+                for key, value in tags.items():
+                    self._client.set_tag(self.run_id, key, value)
+                self._client.set_terminated(self.run_id, status=status)
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    raise
+                from tfharness import spool
+
+                spool.spool_tail(self, [], status, tags)
         if error is None and self._errors:
             raise TrackingError(f"MLflow run {self.run_id} is incomplete: {message[:2000]}")
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the tracking server could not be reached (worth a retry)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = f"{type(error).__name__}: {error}"
+        if isinstance(error, (ConnectionError, TimeoutError)) or any(marker in text for marker in (
+                "Connection refused", "Max retries exceeded", "ConnectionError",
+                "Failed to establish a new connection", "Read timed out",
+                "RemoteDisconnected", "Connection aborted")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:

@@ -1,0 +1,350 @@
+"""Checkpoints and resume: what a run needs to continue after its process died.
+
+Each run owns ``<checkpoint_root>/<run_id>/``, stable across invocations (``output_dir`` is a new
+Hydra folder each time). It holds:
+
+* ``state.json``: which milestones of the run are done (pretraining evaluated, a model saved and
+  verified, a fine-tune stage reported...), how many epochs each phase completed, the newest
+  checkpoint file, and a ledger of every metric point the run logged, so a resumed run can
+  deliver what the dead process had queued but not sent, and skip what is done;
+* ``<phase>-e<epochs>.keras``: the model after the last completed epoch of a phase, optimizer
+  variables included, so the resumed epochs take the same steps the lost ones would have;
+* ``stage-<i>-before.npz``: the weights at the start of a fine-tune stage, which the stage's
+  report and its frozen-weights check compare against;
+* ``lock``: held (``flock``) by the process running the run; a run whose lock is free while its
+  state says "running" belongs to a dead process.
+
+Every file is written to a temporary name, flushed and renamed (``serialization.atomic_write``):
+the checkpoint first, then the state naming it, then older checkpoints are removed, so a kill at
+any moment leaves a state that names a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from tfharness.config import HarnessConfig, flatten
+from tfharness.errors import ConfigError, HarnessError, NumericalError, RunInterrupted
+from tfharness.serialization import atomic_write, sweep_partial_writes
+
+log = logging.getLogger("tfharness")
+
+STATE_FORMAT = "tfharness-checkpoint/1"
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+# Keys that say how to run, not what to compute: changing them keeps a run resumable.
+UNHASHED_KEYS = ("resume", "output_dir", "print_report", "checkpoint_root", "tracking.run_name",
+                 "tracking.on_unavailable", "tracking.spool_dir", "tracking.drain_timeout_s",
+                 "trainer.verbose")
+
+
+def config_hash(cfg: HarnessConfig) -> str:
+    """A short digest of everything that decides the run's results (see ``UNHASHED_KEYS``)."""
+    flat = {k: v for k, v in flatten(cfg).items() if k not in UNHASHED_KEYS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, payload: Dict) -> None:
+    text = json.dumps(payload, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@dataclass
+class RunState:
+    """The part of a run that survives its process (``state.json``)."""
+
+    run_id: str
+    config_hash: str
+    output_dir: str
+    status: str = "running"  # running | killed | failed | finished
+    tracking_uri: str = ""
+    experiment: str = ""
+    milestones: List[str] = field(default_factory=list)
+    # Completed epochs per phase: "pretrain", "finetune/0", "finetune/1", ...
+    epochs: Dict[str, int] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    # Every metric point logged so far: [key, value, step].
+    metrics: List[list] = field(default_factory=list)
+    # Milestone results a resumed run needs again (saved model paths, stage reports, timings).
+    values: Dict[str, Any] = field(default_factory=dict)
+    reason: Optional[str] = None
+    resumes: int = 0
+    pid: int = 0
+    host: str = ""
+    updated: float = 0.0
+
+    @classmethod
+    def read(cls, path: Path) -> "RunState":
+        payload = json.loads(path.read_text())
+        if payload.pop("format", None) != STATE_FORMAT:
+            raise HarnessError(f"{path} was written by an unknown checkpoint format; this "
+                               f"version reads {STATE_FORMAT}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in known})
+
+    def phase_epochs(self, phase: str) -> int:
+        return int(self.epochs.get(phase, 0))
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds the run's lock (a free lock means its process is gone)."""
+    lock_path = run_dir / LOCK_FILE
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def _states(root: Path) -> List[RunState]:
+    states = []
+    if not root.is_dir():
+        return states
+    for state_file in root.glob(f"*/{STATE_FILE}"):
+        try:
+            states.append(RunState.read(state_file))
+        except (OSError, ValueError, TypeError, HarnessError) as exc:
+            log.warning("Ignoring unreadable checkpoint state %s: %s", state_file, exc)
+    return states
+
+
+def abandoned_runs(root: str | os.PathLike) -> List[RunState]:
+    """Runs whose state says "running" while no process holds their lock: their process died."""
+    root = Path(root)
+    return [s for s in _states(root)
+            if s.status == "running" and not lock_is_held(root / s.run_id)]
+
+
+def find_resumable(root: str | os.PathLike, resume, cfg_hash: str) -> Optional[RunState]:
+    """The run ``resume`` asks to continue, or None for a new run.
+
+    ``resume=true`` picks the most recently updated interrupted run (killed, or running with its
+    process gone) with the same config hash; none is not an error (a new run starts).
+    ``resume=<run_id>`` must name such a run, with the same config.
+    """
+    if resume is False or resume is None:
+        return None
+    root = Path(root)
+    if resume is True:
+        candidates = [s for s in _states(root)
+                      if s.config_hash == cfg_hash and s.status in ("running", "killed")
+                      and not lock_is_held(root / s.run_id)]
+        return max(candidates, key=lambda s: s.updated, default=None)
+    state_file = root / str(resume) / STATE_FILE
+    if not state_file.is_file():
+        known = sorted(s.run_id for s in _states(root) if s.status != "finished")
+        raise ConfigError("resume", resume, "true, false, or the id of an interrupted run with a "
+                          f"checkpoint in {root}: " + (", ".join(known) or "there is none"))
+    state = RunState.read(state_file)
+    if state.config_hash != cfg_hash:
+        raise ConfigError("resume", resume, f"a run with the same config; run {resume} was "
+                          f"started with a different one (config hash {state.config_hash}, "
+                          f"this one {cfg_hash}): repeat its command with resume={resume}")
+    if state.status in ("finished", "failed"):
+        raise ConfigError("resume", resume, f"an interrupted run; run {resume} is {state.status}"
+                          + (f" ({state.reason})" if state.reason else ""))
+    if lock_is_held(root / state.run_id):
+        raise ConfigError("resume", resume, f"a run no live process is running; run {resume} "
+                          f"is running in process {state.pid} on {state.host}")
+    return state
+
+
+class RunCheckpoints:
+    """The checkpoint folder of one run, locked by this process while the run goes on."""
+
+    def __init__(self, root: str | os.PathLike, state: RunState):
+        self.state = state
+        self.dir = Path(root) / state.run_id
+        self._lock = None
+
+    def acquire(self) -> None:
+        """Takes the run's lock and records this process; cleans partial writes of a dead one."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            sweep_partial_writes(self.dir)
+            self._lock = open(self.dir / LOCK_FILE, "a")
+        except OSError as exc:
+            raise ConfigError("checkpoint_root", str(self.dir.parent),
+                              f"a writable folder ({exc.strerror})") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise HarnessError(f"Run {self.state.run_id} is already running in another "
+                               f"process (lock {self.dir / LOCK_FILE}).") from None
+        self.state.pid, self.state.host = os.getpid(), socket.gethostname()
+        self.save_state()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def save_state(self) -> None:
+        self.state.updated = time.time()
+        _write_json(self.dir / STATE_FILE,
+                    {"format": STATE_FORMAT, **dataclasses.asdict(self.state)})
+
+    # ------------------------------------------------------------------ milestones and ledger
+    def done(self, milestone: str) -> bool:
+        return milestone in self.state.milestones
+
+    def complete(self, milestone: str, metrics: Optional[Dict[str, float]] = None,
+                 step: int = 0, **values) -> None:
+        """Records a milestone with the metrics it logs, before they are logged.
+
+        Logged after the state is written, a metric point is either in the ledger (a resumed
+        run delivers it if MLflow lacks it) or not yet computed (the milestone runs again).
+        """
+        for key, value in (metrics or {}).items():
+            self.state.metrics.append([key, float(value), int(step)])
+        self.state.values.update(values)
+        if milestone not in self.state.milestones:
+            self.state.milestones.append(milestone)
+        self.save_state()
+
+    # -------------------------------------------------------------------------- checkpoints
+    def save_epoch(self, model, phase: str, epochs_done: int, metrics: Dict[str, float],
+                   step: int) -> None:
+        name = f"{phase.replace('/', '-')}-e{epochs_done:04d}.keras"
+        atomic_write(self.dir / name, lambda tmp: model.save(str(tmp)))
+        previous = self.state.checkpoint
+        self.state.checkpoint = name
+        self.state.epochs[phase] = epochs_done
+        for key, value in metrics.items():
+            self.state.metrics.append([key, float(value), int(step)])
+        self.save_state()
+        if previous and previous != name:
+            (self.dir / previous).unlink(missing_ok=True)
+
+    def restore(self, model, phase: str) -> int:
+        """Loads the newest checkpoint of ``phase`` into ``model``, optimizer included.
+
+        ``model`` must be compiled as it was when the checkpoint was written. Returns the
+        number of epochs of ``phase`` already done (0: nothing restored).
+        """
+        done = self.state.phase_epochs(phase)
+        if done == 0:
+            return 0
+        path = self.dir / self.state.checkpoint
+        # The optimizer's variables exist only once it is built; load_weights then fills them.
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(str(path))
+        log.info("%s: restored epoch %d from %s", phase, done, path)
+        return done
+
+    def load_newest_weights(self, model) -> bool:
+        """Copies the newest checkpoint's weights (not its optimizer) into ``model``."""
+        if not self.state.checkpoint:
+            return False
+        import keras
+
+        saved = keras.saving.load_model(str(self.dir / self.state.checkpoint), compile=False)
+        model.set_weights(saved.get_weights())
+        return True
+
+    def save_arrays(self, name: str, layers: List[List[np.ndarray]]) -> None:
+        arrays = {f"l{i}_w{j}": w for i, layer in enumerate(layers) for j, w in enumerate(layer)}
+        counts = np.array([len(layer) for layer in layers])
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, __counts__=counts, **arrays)
+
+        atomic_write(self.dir / f"{name}.npz", write)
+
+    def load_arrays(self, name: str) -> Optional[List[List[np.ndarray]]]:
+        path = self.dir / f"{name}.npz"
+        if not path.is_file():
+            return None
+        with np.load(path) as archive:
+            return [[archive[f"l{i}_w{j}"] for j in range(int(n))]
+                    for i, n in enumerate(archive["__counts__"])]
+
+    def end(self, status: str, reason: Optional[str] = None) -> None:
+        """Records how the run ended; a finished run's checkpoints are no longer needed."""
+        self.state.status, self.state.reason = status, reason
+        try:
+            if status == "finished":
+                import shutil
+
+                shutil.rmtree(self.dir, ignore_errors=True)
+            else:
+                self.save_state()
+        finally:
+            self.release()
+
+
+def epoch_checkpointer(checkpoints: RunCheckpoints, tracker, phase: str, prefix: str,
+                       step_offset: int = 0, label: Optional[str] = None):
+    """A Keras callback that, at the end of each epoch: stops on a non-finite loss, writes the
+    checkpoint and the state, then queues the epoch's metrics (in that order, see
+    :meth:`RunCheckpoints.complete`)."""
+    import keras
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()
+                    if np.isscalar(v) or np.ndim(v) == 0}
+            loss = logs.get("loss")
+            if loss is not None and not np.isfinite(loss):
+                # Before any checkpoint or metric of this epoch: the last good one stays.
+                raise NumericalError(f"The training loss became {loss} in {label or phase}, "
+                                     f"epoch {epoch + 1}; the phase stopped, the last good checkpoint "
+                                     f"({checkpoints.state.checkpoint or 'none'}) is kept.")
+            metrics = {f"{prefix}/{k}": v for k, v in logs.items()}
+            checkpoints.save_epoch(self.model, phase, epoch + 1, metrics, step_offset + epoch)
+            tracker.log_metrics(metrics, step=step_offset + epoch)
+
+    return EpochCheckpoint()
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """Turns SIGINT and SIGTERM into :class:`RunInterrupted`, raised where the run is.
+
+    Training stops at once (the last completed epoch's checkpoint stays), and the runner ends
+    the run KILLED. Further signals while it cleans up are ignored, so the cleanup finishes.
+    The previous handlers come back on exit. Only the main thread can install handlers; elsewhere
+    (a launcher's worker thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def handle(signum, frame):
+        if raised:
+            return
+        raised.append(signum)
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
