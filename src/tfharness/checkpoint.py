@@ -298,6 +298,13 @@ class RunCheckpoints:
             self.release()
 
 
+def _weights_finite(model) -> bool:
+    import tensorflow as tf
+
+    return all(bool(tf.reduce_all(tf.math.is_finite(w.value))) for w in model.trainable_weights
+               if "float" in str(w.dtype))
+
+
 def epoch_checkpointer(checkpoints: RunCheckpoints, tracker, phase: str, prefix: str,
                        step_offset: int = 0, label: Optional[str] = None):
     """A Keras callback that, at the end of each epoch: stops on a non-finite loss, writes the
@@ -310,10 +317,17 @@ def epoch_checkpointer(checkpoints: RunCheckpoints, tracker, phase: str, prefix:
             logs = {k: float(v) for k, v in (logs or {}).items()
                     if np.isscalar(v) or np.ndim(v) == 0}
             loss = logs.get("loss")
+            fault = None
             if loss is not None and not np.isfinite(loss):
+                fault = f"The training loss became {loss}"
+            elif not _weights_finite(self.model):
+                # Keras clips probabilities before the log, so NaN outputs can leave the
+                # reported loss finite while the weights are already NaN.
+                fault = f"The weights became NaN or infinite (reported loss {loss})"
+            if fault:
                 # Before any checkpoint or metric of this epoch: the last good one stays.
-                raise NumericalError(f"The training loss became {loss} in {label or phase}, "
-                                     f"epoch {epoch + 1}; the phase stopped, the last good checkpoint "
+                raise NumericalError(f"{fault} in {label or phase}, epoch {epoch + 1}; the "
+                                     f"phase stopped, the last good checkpoint "
                                      f"({checkpoints.state.checkpoint or 'none'}) is kept.")
             metrics = {f"{prefix}/{k}": v for k, v in logs.items()}
             checkpoints.save_epoch(self.model, phase, epoch + 1, metrics, step_offset + epoch)

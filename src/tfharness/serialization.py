@@ -50,9 +50,10 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-# For tests only: "<name fragment>:<marker file>" makes atomic_write create the marker file and
-# pause for a minute once it has written a temporary whose target name contains the fragment, so
-# a test can kill the process in the middle of a save.
+# For tests only: "<name fragment>:<marker file>[:<seconds>]" makes atomic_write create the
+# marker file and pause (a minute by default) once it has written a temporary whose target name
+# contains the fragment, so a test can kill the process in the middle of a save. Once only: an
+# existing marker file disables it.
 SAVE_PAUSE_HOOK = "TFHARNESS_TEST_PAUSE_IN_SAVE"
 PARTIAL_MARKERS = (".tmp-", ".old-")
 
@@ -75,10 +76,10 @@ def _pause_for_tests(target: Path) -> None:
     hook = os.environ.get(SAVE_PAUSE_HOOK)
     if not hook or ":" not in hook:
         return
-    fragment, marker = hook.split(":", 1)
-    if fragment in target.name:
+    fragment, marker, *seconds = hook.split(":")
+    if fragment in target.name and not Path(marker).exists():
         Path(marker).write_text(str(os.getpid()))
-        time.sleep(60)
+        time.sleep(float(seconds[0]) if seconds else 60.0)
 
 
 def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
@@ -109,25 +110,39 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
         _remove(tmp)
         if old.exists() and not target.exists():
             os.replace(old, target)
-        if isinstance(error, OSError) or _is_os_error(error):
+        reason = None if isinstance(error, (KeyboardInterrupt, SaveError)) else \
+            _storage_fault(error, target.parent)
+        if reason:
             kept = "the previous version is kept" if target.exists() else "nothing was written"
-            raise SaveError(f"Cannot write {target}: {_os_reason(error)}; {kept}.") from error
+            raise SaveError(f"Cannot write {target}: {reason}; {kept}.") from error
         raise
     _remove(old)
     return target
 
 
-def _is_os_error(error: BaseException) -> bool:
-    # Keras and h5py wrap the OSError of a full or read-only disk in their own exceptions.
-    cause = error.__cause__ or error.__context__
-    return isinstance(cause, OSError) and not isinstance(error, (SaveError, KeyboardInterrupt))
+def _storage_fault(error: BaseException, folder: Path) -> str | None:
+    """Why a write failed when the storage refused it (read-only, full, missing), else None.
 
-
-def _os_reason(error: BaseException) -> str:
-    found = error if isinstance(error, OSError) else (error.__cause__ or error.__context__)
-    if isinstance(found, OSError) and found.strerror:
-        return f"{found.strerror} ({type(found).__name__}, errno {found.errno})"
-    return f"{type(error).__name__}: {error}"
+    TensorFlow, Keras and h5py report these in their own exception types, so the folder is also
+    probed directly.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return f"{seen.strerror} (errno {seen.errno})"
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    for known in ("Read-only file system", "No space left on device", "Permission denied",
+                  "Disk quota exceeded"):
+        if known in text:
+            return known
+    try:
+        probe = folder / f".tfharness-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return None
 
 
 def sweep_partial_writes(directory: str | os.PathLike) -> None:

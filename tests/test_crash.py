@@ -1,0 +1,256 @@
+"""Crash safety with real processes: SIGKILL and SIGTERM of `python -m tfharness`, resume, atomic
+artifacts, a NaN loss, a read-only folder, a tracking server stopped mid-run, the spool and its
+replay. Kill points are made deterministic by the test-only pause inside atomic_write
+(TFHARNESS_TEST_PAUSE_IN_SAVE); scripts/kill-resume-soak kills at random moments instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+import tfharness
+from tfharness import checkpoint, serialization
+from tfharness.errors import ConfigError, NumericalError, SaveError
+
+from conftest import TINY_SYNTHETIC, only_run
+
+SRC = str(Path(tfharness.__file__).resolve().parents[1])
+RUN = [*TINY_SYNTHETIC, "model.units=[8]", "trainer.epochs=4", "finetune.epochs=3",
+       "finetune.freeze=[]"]
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# Same ops in the same order on the same CPU: resumed and uninterrupted runs agree exactly here;
+# the tolerance only allows for a different CPU's kernels.
+TOLERANCE = 1e-6
+
+
+def harness(tmp: Path, *overrides: str, pause: str = "", env=None) -> subprocess.Popen:
+    """`python -m tfharness` in ``tmp`` (Hydra writes its folders there), tracking into tmp."""
+    environment = {**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    if pause:
+        environment[serialization.SAVE_PAUSE_HOOK] = pause
+    return subprocess.Popen(
+        [sys.executable, "-m", "tfharness", *RUN, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+         f"checkpoint_root={tmp / 'checkpoints'}", "print_report=false", "resume=true",
+         *overrides], cwd=tmp, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"exited {process.returncode} before the pause: {process.stderr.read()}")
+        assert time.time() < deadline, "the harness never reached the pause"
+        time.sleep(0.05)
+
+
+def kill_at(tmp: Path, fragment: str, *overrides: str) -> None:
+    """Runs the harness until it pauses while saving ``fragment``, then SIGKILLs it."""
+    marker = tmp / f"paused-{fragment}"
+    process = harness(tmp, *overrides, pause=f"{fragment}:{marker}")
+    wait_for(marker, process)
+    process.kill()
+    process.wait(timeout=30)
+
+
+def state_of(tmp: Path) -> checkpoint.RunState:
+    (state_file,) = (tmp / "checkpoints").glob(f"*/{checkpoint.STATE_FILE}")
+    return checkpoint.RunState.read(state_file)
+
+
+def histories(client, run_id: str):
+    return {f"{phase}/{name}": [(m.step, m.value) for m in sorted(
+        client.get_metric_history(run_id, f"{phase}/{name}"), key=lambda m: m.step)]
+        for phase in ("pretrain", "finetune") for name in EPOCH_METRICS}
+
+
+def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninterrupted_run(
+        tmp_path, make_cfg):
+    baseline_uri = f"sqlite:///{tmp_path / 'baseline.db'}"
+    baseline = tfharness.run(make_cfg([*RUN, f"tracking.uri={baseline_uri}"], out="baseline"))
+    base_client = mlflow.MlflowClient(baseline_uri)
+    expected = histories(base_client, baseline.run_id)
+
+    # Killed while writing the checkpoint of pretraining epoch 2: epoch 1 is the last complete.
+    kill_at(tmp_path, "pretrain-e0002")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    killed = only_run(client)
+    assert killed.info.status == "RUNNING"  # what SIGKILL leaves behind
+    assert state_of(tmp_path).epochs == {"pretrain": 1}
+
+    # Resumed, then killed again in the second epoch of fine-tuning.
+    kill_at(tmp_path, "finetune-0-e0002")
+    assert only_run(client).info.run_id == killed.info.run_id
+    assert state_of(tmp_path).epochs == {"pretrain": 4, "finetune/0": 1}
+
+    result = tfharness.run(make_cfg([*RUN, "resume=true"], out="ignored"))
+    run = only_run(client)
+    assert result.run_id == run.info.run_id == killed.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tfharness.resumes"] == "2"
+    resumed = histories(client, run.info.run_id)
+    for key, points in expected.items():
+        epochs = 4 if key.startswith("pretrain") else 3
+        assert [step for step, _ in resumed[key]] == list(range(epochs)), key  # each once
+        np.testing.assert_allclose([v for _, v in resumed[key]], [v for _, v in points],
+                                   rtol=0, atol=TOLERANCE, err_msg=key)
+    for key in ("test/loss", "test/accuracy", "pretrain/test_loss"):
+        assert abs(run.data.metrics[key] - base_client.get_run(baseline.run_id).data.metrics[
+            key]) <= TOLERANCE, key
+    # The run kept its first output folder; no partial write anywhere; checkpoints cleaned up.
+    models = Path(state_of_output(run)) / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["finetuned", "pretrained"]
+    assert not any((tmp_path / "checkpoints").iterdir())
+    assert {m.name for m in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")} == {
+        "pretrained", "finetuned"}
+
+
+def state_of_output(run) -> str:
+    return run.data.params["output_dir"]
+
+
+def test_sigkill_during_a_model_save_leaves_the_old_state_and_resumes(tmp_path, make_cfg):
+    kill_at(tmp_path, "pretrained")
+    (out,) = (tmp_path / "outputs").glob("*/*")
+    models = out / "models"
+    names = [p.name for p in models.iterdir()]
+    assert "pretrained" not in names  # never a half-written artifact under the real name
+    assert any(n.startswith(".pretrained.tmp-") for n in names)  # what a SIGKILL leaves
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dead = only_run(client)
+    # A later run with another config finds the run whose process died: KILLED, not RUNNING.
+    tfharness.run(make_cfg([*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none",
+                            "tracking.experiment=other"], out="other"))
+    dead = client.get_run(dead.info.run_id)
+    assert dead.info.status == "KILLED"
+    assert "process died" in dead.data.tags["tfharness.interrupted"]
+
+    result = tfharness.run(make_cfg([*RUN, "resume=true"]))
+    assert result.run_id == dead.info.run_id
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert sorted(p.name for p in models.iterdir()) == ["finetuned", "pretrained"]
+    probe = np.zeros((2, 12), np.float32)
+    assert serialization.load_model(models / "pretrained")(probe).shape == (2, 4)
+
+
+def test_sigterm_stops_promptly_marks_the_run_killed_and_keeps_the_checkpoint(tmp_path):
+    marker = tmp_path / "paused"
+    process = harness(tmp_path, pause=f"pretrain-e0003:{marker}")
+    wait_for(marker, process)
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert time.time() - sent < 15
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted by SIGTERM" in stderr and "resume=true" in stderr
+    run = only_run(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert run.info.status == "KILLED"
+    assert "SIGTERM" in run.data.tags["error"]
+    state = state_of(tmp_path)
+    assert (state.status, state.epochs, state.checkpoint) == (
+        "killed", {"pretrain": 2}, "pretrain-e0002.keras")
+    run_dir = tmp_path / "checkpoints" / state.run_id
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "lock", "pretrain-e0002.keras", "state.json"]  # the temporary was removed
+    assert serialization.load_model(run_dir / "pretrain-e0002.keras") is not None
+
+
+def test_a_nan_loss_fails_the_run_at_that_epoch_and_keeps_the_last_good_checkpoint(
+        make_cfg, client, tmp_path):
+    with pytest.raises(NumericalError, match="loss became nan in fine-tune stage .* epoch 2"):
+        tfharness.run(make_cfg([*RUN, "finetune.learning_rate=1e35"]))
+    run = only_run(client)
+    assert run.info.status == "FAILED"
+    assert "NumericalError" in run.data.tags["error"] and "epoch 2" in run.data.tags["error"]
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "finetune/loss")]
+    assert len(losses) == 1 and np.isfinite(losses[0])  # the NaN epoch was never logged
+    state = checkpoint.RunState.read(tmp_path / "checkpoints" / run.info.run_id / "state.json")
+    assert state.status == "failed" and state.checkpoint == "finetune-0-e0001.keras"
+    good = serialization.load_model(tmp_path / "checkpoints" / run.info.run_id / state.checkpoint)
+    assert all(np.isfinite(w).all() for w in good.get_weights())
+    with pytest.raises(ConfigError, match="an interrupted run; run .* is failed"):
+        tfharness.run(make_cfg([*RUN, "finetune.learning_rate=1e35",
+                                f"resume={run.info.run_id}"]))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Makes a folder read-only even for root (a read-only bind mount); undone afterwards."""
+    mounted = []
+
+    def make(folder: Path) -> None:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            return
+        done = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot make a read-only folder here: {done.stderr.strip()}")
+        mounted.append(folder)
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_read_only_output_folder_is_a_clear_error_and_earlier_models_stay_loadable(
+        make_cfg, client, tmp_path, read_only):
+    quick = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none", "model.units=[4]"]
+    tfharness.run(make_cfg(quick))
+    models = tmp_path / "out" / "models"
+    before = serialization.load_model(models / "pretrained").get_weights()
+    read_only(models)
+    with pytest.raises(SaveError, match="Cannot write .*pretrained: Read-only file system; "
+                                        "the previous version is kept"):
+        tfharness.run(make_cfg([*quick, "trainer.seed=7"]))
+    runs = client.search_runs([client.get_experiment_by_name("tfharness").experiment_id],
+                              order_by=["start_time DESC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    after = serialization.load_model(models / "pretrained").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+    read_only(tmp_path / "out")  # the whole folder: refused before any training
+    with pytest.raises(ConfigError, match="'output_dir'.*a folder this process can write"):
+        tfharness.run(make_cfg(quick))
+    assert len(client.search_runs([runs[0].info.experiment_id])) == 2
+
+
+def test_atomic_write_killed_mid_replace_keeps_the_old_directory(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    marker = tmp_path / "paused"
+    code = ("from pathlib import Path; from tfharness.serialization import atomic_write\n"
+            "def write(tmp):\n    tmp.mkdir(); (tmp / 'weights').write_text('new')\n"
+            f"atomic_write(Path({str(target)!r}), write)\n")
+    process = subprocess.Popen([sys.executable, "-c", code], env={
+        **os.environ, "PYTHONPATH": SRC, serialization.SAVE_PAUSE_HOOK: f"model:{marker}"})
+    wait_for(marker, process, timeout=30)
+    process.kill()
+    process.wait()
+    assert (target / "weights").read_text() == "old"
+    serialization.sweep_partial_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "paused"]
+    # Killed between the two renames of a directory swap: the old copy is put back.
+    (tmp_path / "model").rename(tmp_path / ".model.old-0123abcd")
+    serialization.sweep_partial_writes(tmp_path)
+    assert (target / "weights").read_text() == "old"
+
+
+def test_resume_rejects_an_unknown_run_id_with_the_key_named(make_cfg):
+    with pytest.raises(ConfigError, match="'resume': got 'abc'.*interrupted run"):
+        tfharness.run(make_cfg([*RUN, "resume=abc"]))
+    with pytest.raises(ConfigError, match="'resume'"):
+        tfharness.run(make_cfg([*RUN, "resume=a/b"]))
