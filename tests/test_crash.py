@@ -201,7 +201,7 @@ def read_only(tmp_path):
         mounted.append(folder)
 
     yield make
-    for folder in mounted:
+    for folder in reversed(mounted):  # inner mounts are hidden by outer ones: last first
         subprocess.run(["umount", str(folder)], check=False)
 
 
@@ -254,3 +254,143 @@ def test_resume_rejects_an_unknown_run_id_with_the_key_named(make_cfg):
         tfharness.run(make_cfg([*RUN, "resume=abc"]))
     with pytest.raises(ConfigError, match="'resume'"):
         tfharness.run(make_cfg([*RUN, "resume=a/b"]))
+
+
+# ------------------------------------------------------------------------ tracking outages
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same port,
+    same stores)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> None:
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        self.process = subprocess.Popen(
+            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "server-artifacts"),
+             "--workers", "1"], cwd=self.folder, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                assert self.process.poll() is None and time.time() < deadline, \
+                    "mlflow server did not start"
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server and its workers
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    instance = Server(tmp_path)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def assert_every_epoch_once(client, run_id: str, pretrain: int = 4, finetune: int = 3) -> None:
+    for phase, epochs in (("pretrain", pretrain), ("finetune", finetune)):
+        for name in EPOCH_METRICS:
+            steps = [m.step for m in client.get_metric_history(run_id, f"{phase}/{name}")]
+            assert sorted(steps) == list(range(epochs)), (phase, name, steps)
+
+
+def test_a_server_stopped_and_restarted_mid_run_receives_every_metric_point(tmp_path, server):
+    marker = tmp_path / "paused"
+    process = harness(tmp_path, "tracking=server", f"tracking.uri={server.url}",
+                      "tracking.drain_timeout_s=120", pause=f"pretrain-e0002:{marker}:0.5")
+    wait_for(marker, process)
+    server.stop()  # down while the rest of pretraining and fine-tuning run
+    time.sleep(3)
+    server.start()
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr
+    assert "unreachable; training goes on" in stdout  # Hydra logs to stdout
+    client = mlflow.MlflowClient(server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("tfharness").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(client, run.info.run_id)
+    assert "all delivered late, none lost" in run.data.tags["tfharness.tracking_outage"]
+    assert {m.name for m in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")} == {
+        "pretrained", "finetuned"}
+
+
+def test_a_server_still_down_at_the_end_gets_the_rest_from_the_spool(tmp_path, server):
+    from tfharness import sync
+
+    marker = tmp_path / "paused"
+    process = harness(tmp_path, "tracking=server", f"tracking.uri={server.url}",
+                      "tracking.drain_timeout_s=1", "tracking.spool_dir=spool",
+                      pause=f"pretrain-e0002:{marker}:0.5")
+    wait_for(marker, process)
+    server.stop()
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr  # never a run killed by a logging call
+    assert "python -m tfharness.sync" in stdout
+    server.start()
+    client = mlflow.MlflowClient(server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("tfharness").experiment_id])
+    assert run.info.status == "RUNNING"  # its end is in the spool until the sync
+    done = subprocess.run([sys.executable, "-m", "tfharness.sync", str(tmp_path / "spool")],
+                          env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 run(s) delivered" in done.stdout
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(client, run.info.run_id)
+    assert "spooled" in run.data.tags["tfharness.tracking_outage"]
+    assert {m.name for m in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")} == {
+        "pretrained", "finetuned"}
+    assert sync.sync(str(tmp_path / "spool")) == {}  # replayed once only
+
+
+def test_an_unreachable_server_at_start_spools_the_whole_run_and_sync_replays_it(
+        make_cfg, tmp_path):
+    from tfharness import sync
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    quick = [*RUN, "trainer.epochs=2", "finetune.epochs=1", "tracking=server",
+             f"tracking.uri={dead}", f"tracking.spool_dir={tmp_path / 'spool'}"]
+    with pytest.raises(tfharness.HarnessError, match="Cannot use the MLflow tracking store"):
+        tfharness.run(make_cfg(quick))
+    result = tfharness.run(make_cfg([*quick, "tracking.on_unavailable=spool"]))
+    target = f"sqlite:///{tmp_path / 'server-later.db'}"
+    mapping = sync.sync(str(tmp_path / "spool"), target_uri=target)
+    assert list(mapping) == [result.run_id]
+    client = mlflow.MlflowClient(target)
+    run = client.get_run(mapping[result.run_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.epochs"] == "2"
+    assert run.data.tags["tfharness.spooled_from"] == result.run_id
+    assert_every_epoch_once(client, run.info.run_id, pretrain=2, finetune=1)
+    spooled = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'spool' / 'spool.db'}")
+    assert run.data.metrics == spooled.get_run(result.run_id).data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "config.yaml", "overrides.yaml", "reports"}
+    (model,) = [m for m in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        if m.name == "finetuned"]
+    assert mlflow.pyfunc.load_model(model.model_uri).predict(
+        np.zeros((2, 12), np.float32)).shape == (2, 3)
+    assert json.loads((tmp_path / "spool" / "synced.json").read_text()) == mapping
