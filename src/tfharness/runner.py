@@ -344,7 +344,10 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     else:
         state = ckpt_lib.RunState(run_id=tracker.run_id or f"local-{uuid.uuid4().hex}",
                                   config_hash=cfg_hash, output_dir=str(cfg.output_dir),
-                                  tracking_uri=cfg.tracking.uri if tracker.run_id else "",
+                                  # The store the run really is in: a spooled run's is the
+                                  # spool, so resuming it on the server starts a server run.
+                                  tracking_uri=getattr(tracker, "uri", "") if tracker.run_id
+                                  else "",
                                   experiment=cfg.tracking.experiment)
     ckpt = ckpt_lib.RunCheckpoints(cfg.checkpoint_root, state)
     try:
