@@ -205,3 +205,35 @@ def test_ray_launcher_runs_a_sweep_on_a_local_ray(tmp_path):
     assert sorted(c.data.params["finetune.learning_rate"] for c in children) == ["0.001", "0.01"]
     assert all(c.info.status == "FINISHED" for c in children)
     assert all(steps(client, c.info.run_id, "finetune/loss") == [0] for c in children)
+
+
+def test_a_nan_or_missing_objective_fails_the_trial(make_cfg):
+    from tfharness.config import to_typed
+    from tfharness.errors import ConfigError, HarnessError
+    from tfharness.runner import _objective
+
+    cfg = to_typed(make_cfg(TINY))
+    assert _objective(cfg, {"finetune/val_accuracy": 0.5}) == 0.5
+    with pytest.raises(HarnessError, match="finetune/val_accuracy of this trial is nan"):
+        _objective(cfg, {"finetune/val_accuracy": float("nan")})
+    with pytest.raises(ConfigError, match="sweep.objective.*test/accuracy"):
+        _objective(cfg, {"test/accuracy": 0.5})
+
+
+def test_a_sweep_run_in_python_is_nested_and_returns_its_objective(make_cfg, client,
+                                                                    tracking_uri):
+    """The core called from Python the way a sweep job calls it."""
+    import tfharness
+    from tfharness.tracking import sqlite_artifact_root
+
+    experiment = client.create_experiment("tfharness",
+                                          artifact_location=sqlite_artifact_root(tracking_uri))
+    parent = client.create_run(experiment).info.run_id
+    result = tfharness.run(make_cfg([*TINY, "model.units=[4]", "trainer.epochs=1",
+                                     "finetune.epochs=2", "sweep.objective=test/accuracy"]),
+                           parent_run_id=parent, require_objective=True)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert result.objective == result.metrics["test/accuracy"] == run.data.metrics["objective"]
+    assert result.metrics["finetune/val_accuracy"] == client.get_metric_history(
+        result.run_id, "finetune/val_accuracy")[-1].value
