@@ -162,6 +162,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
 
 
 def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
+                 pad_to_multiple: int = 1,
                  epochs: Optional[Tuple[int, int]] = None):
     """A ``tf.data`` pipeline over in-memory arrays that shuffles indices, not samples.
 
@@ -169,6 +170,11 @@ def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
     here one element holds the whole arrays (no ``cache()``: it would only keep a second copy), a
     seeded permutation of indices is batched, and each batch is one ``tf.gather`` (what Keras
     itself does for NumPy input), prefetched.
+
+    ``pad_to_multiple`` > 1 (evaluation under a multi-replica strategy) pads the arrays with
+    zero-weight rows up to a multiple of it and yields ``(x, y, weight)``: Keras 3 fails to
+    evaluate a final batch that splits unevenly across replicas (AddN shape mismatch), and
+    zero weights keep the padding out of every metric.
 
     With ``epochs=(first, end)`` and ``shuffle``, the pipeline holds the batches of epochs
     ``first..end-1`` back to back, and epoch ``e`` is shuffled by ``(seed, e)`` alone (a stateless
@@ -178,6 +184,12 @@ def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
     import tensorflow as tf
 
     count = len(arrays[0])
+    if pad_to_multiple > 1 and not shuffle:
+        pad = -count % pad_to_multiple
+        weights = np.concatenate([np.ones(count, "float32"), np.zeros(pad, "float32")])
+        arrays = tuple(np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in arrays)
+        arrays = (*arrays, weights)
+        count += pad
     whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
     if shuffle and epochs is not None:
         first, end = epochs
@@ -197,7 +209,7 @@ def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
     # A sequential map: a gather is cheap, prefetch overlaps it with training, and parallel
     # calls only compete with the training ops for the cores (measured slower on 2 cores).
     batches = tf.data.Dataset.zip((indices, whole)).map(
-        lambda index, data: (tf.gather(data[0], index), tf.gather(data[1], index)))
+        lambda index, data: tuple(tf.gather(part, index) for part in data))
     return batches.prefetch(tf.data.AUTOTUNE)
 
 

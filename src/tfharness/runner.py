@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 import time
@@ -26,11 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfharness import checkpoint as ckpt_lib
 from tfharness import data as data_lib
+from tfharness import distribute
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import serialization, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
-from tfharness.errors import ConfigError, RunInterrupted
+from tfharness.errors import ConfigError, HarnessError, RunInterrupted
 
 log = logging.getLogger("tfharness")
 
@@ -47,6 +49,21 @@ class RunResult:
     report: List[Dict] = field(default_factory=list)
     artifacts: Dict[str, Path] = field(default_factory=dict)
     model_uris: Dict[str, str] = field(default_factory=dict)
+    registered_versions: Dict[str, str] = field(default_factory=dict)
+    # The value of sweep.objective, set when the run was asked for it (sweep trials).
+    objective: Optional[float] = None
+
+
+def _objective(cfg: HarnessConfig, metrics: Dict[str, float]) -> float:
+    """The sweep objective of a finished run; a missing or non-finite one fails the trial."""
+    key = cfg.sweep.objective
+    if key not in metrics:
+        raise ConfigError("sweep.objective", key,
+                          f"a metric this run records: {', '.join(sorted(metrics))}")
+    value = metrics[key]
+    if not math.isfinite(value):
+        raise HarnessError(f"The objective {key} of this trial is {value}: a failed trial")
+    return value
 
 
 def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
@@ -76,32 +93,43 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     import keras
     import tensorflow as tf
 
+    # Each run starts from a clean Keras state: in a sweep, many runs share one process.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
 
 
 def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int,
-         callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> Dict[str, float]:
-    """Trains epochs ``initial_epoch..epochs-1``; returns the wall time and throughput of ``fit``.
+         callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> tuple:
+    """Trains epochs ``initial_epoch..epochs-1``; returns (wall time and throughput of ``fit``,
+    the last epoch's metrics).
 
     Epoch ``e`` is shuffled by ``(seed, e)`` alone, so a run resumed at ``e`` trains on the same
     batches as one that was never interrupted.
     """
     todo = epochs - initial_epoch
     if todo <= 0:
-        return {}
+        return {}, {}
     train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed,
                                   epochs=(initial_epoch, epochs))
-    val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed)
+    val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed,
+                                 pad_to_multiple=_replicas(model))
            if len(split.val[0]) else None)
     start = time.perf_counter()
-    model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
+    history = model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
               steps_per_epoch=data_lib.steps_per_epoch(split.train, batch_size),
               callbacks=list(callbacks), verbose=verbose,
               shuffle=False)  # the tf.data pipeline already shuffles, seeded
     seconds = time.perf_counter() - start
-    return {"train_seconds": seconds, "samples_per_second": len(split.train[0]) * todo / seconds}
+    last = {k: float(v[-1]) for k, v in history.history.items() if v}
+    return ({"train_seconds": seconds,
+             "samples_per_second": len(split.train[0]) * todo / seconds}, last)
+
+
+def _replicas(model) -> int:
+    """How many replicas the model trains on (1 unless built under a multi-replica strategy)."""
+    return model.distribute_strategy.num_replicas_in_sync
 
 
 def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
@@ -110,7 +138,8 @@ def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]
     if not model.compiled:
         # A model straight from disk has no loss or metrics yet; the optimizer is irrelevant here.
         model_lib.compile_model(model, "sgd", 0.0)
-    test = data_lib.make_dataset(split.test, batch_size, shuffle=False, seed=0)
+    test = data_lib.make_dataset(split.test, batch_size, shuffle=False, seed=0,
+                                 pad_to_multiple=_replicas(model))
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
 
 
@@ -152,16 +181,21 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
 
 
 def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
-              pretrained, split: data_lib.Split, frozen_by_stage: List[set]) -> tuple:
+              pretrained, split: data_lib.Split, frozen_by_stage: List[set], strategy) -> tuple:
     ft = cfg.finetune
     head = ft.new_head()
     # Reseeded so the new head starts from the same weights whether or not this process also
     # pretrained (a resumed run may start here).
-    _seed_everything(cfg.trainer.seed + 1, False)
-    model = ft_lib.attach_head(pretrained, head) if head else pretrained
+    import keras
+
+    keras.utils.set_random_seed(cfg.trainer.seed + 1)
+    with strategy.scope():
+        pretrained = distribute.into_scope(pretrained, strategy)
+        model = ft_lib.attach_head(pretrained, head) if head else pretrained
     optimizer = ft.optimizer or cfg.trainer.optimizer
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
+    last_epoch: Dict[str, float] = {}
     epochs_done, seconds, samples = 0, 0.0, 0
     for index, (stage, frozen) in enumerate(zip(ft_lib.stages_of(ft), frozen_by_stage)):
         phase, milestone = f"finetune/{index}", f"finetune-stage:{index}"
@@ -171,8 +205,9 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
             continue
         ft_lib.apply_freeze(model, frozen)
         # A new compile is what makes the trainable flags above take effect.
-        model_lib.compile_model(model, optimizer, stage.learning_rate)
-        done = ckpt.restore(model, phase)
+        with strategy.scope():
+            model_lib.compile_model(model, optimizer, stage.learning_rate)
+            done = ckpt.restore(model, phase)
         if done == 0 and ckpt.state.checkpoint and ckpt.state.checkpoint.startswith("finetune"):
             # Resumed before this stage's first epoch ended: start from the previous stage's end.
             ckpt.load_newest_weights(model)
@@ -181,12 +216,13 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
             before = ft_lib.snapshot(model)
             ckpt.save_arrays(f"stage-{index}-before", before)
         label = f"fine-tune stage '{stage.name}'"
-        speed = _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
+        speed, stage_last = _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
                      seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
                      initial_epoch=done,
                      callbacks=[ckpt_lib.epoch_checkpointer(ckpt, tracker, phase, "finetune",
                                                             step_offset=epochs_done,
                                                             label=label)])
+        last_epoch = stage_last or last_epoch
         epochs_done += stage.epochs
         seconds += speed.get("train_seconds", 0.0)
         samples += len(split.train[0]) * (stage.epochs - done)
@@ -208,6 +244,7 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
         ckpt.load_newest_weights(model)
     speed = {"finetune/train_seconds": seconds,
              "finetune/samples_per_second": samples / seconds} if seconds else {}
+    speed.update({f"finetune/{k}": v for k, v in last_epoch.items()})
     return model, reports, speed
 
 
@@ -276,7 +313,9 @@ def _deliver_missing(cfg: HarnessConfig, tracker: tracking.Tracker,
                  len(missing))
 
 
-def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunResult:
+def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
+        parent_run_id: Optional[str] = None, require_objective: bool = False,
+        tags: Optional[Dict[str, str]] = None) -> RunResult:
     """Runs one experiment end to end and returns what it measured and wrote.
 
     With ``resume`` set, continues an interrupted run from its last completed epoch instead (see
@@ -285,7 +324,16 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     Args:
         cfg: a composed config (``DictConfig``) or a :class:`HarnessConfig`.
         overrides: the command-line overrides, recorded as an artifact and the default run name.
+        parent_run_id: nest the MLflow run under this run (a sweep's parent run).
+        require_objective: fail the run when ``sweep.objective`` is missing or not finite (a
+            sweep trial: a NaN objective is a failed trial, recorded as a FAILED run).
+        tags: extra MLflow run tags.
     """
+    return _run(cfg, overrides, parent_run_id, require_objective, tags or {})
+
+
+def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_objective: bool,
+         extra_tags: Dict[str, str]) -> RunResult:
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
     validate(cfg)
@@ -309,7 +357,19 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
 
     # TensorFlow is imported from here on.
     _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    model = model_lib.build_model(cfg.model, bundle.input_shape, bundle.pretrain.num_classes)
+    # Models built in the strategy's scope train under it (a no-op scope by default); saving
+    # and reloading happen outside it (a SavedModel does not load in a replica context).
+    strategy = distribute.make_strategy(cfg.trainer)
+    replicas = strategy.num_replicas_in_sync
+    for key, size in (("trainer.batch_size", cfg.trainer.batch_size),
+                      ("finetune.batch_size", cfg.finetune.batch_size)):
+        if size is not None and size % replicas:
+            # Each global batch is split across the replicas; Keras evaluates only even splits.
+            raise ConfigError(key, size, f"a multiple of the {replicas} replicas of "
+                                         f"trainer.strategy={cfg.trainer.strategy}")
+    with strategy.scope():
+        model = model_lib.build_model(cfg.model, bundle.input_shape,
+                                      bundle.pretrain.num_classes)
     frozen_by_stage: List[set] = []
     if cfg.finetune.enabled:
         base_names = model_lib.layer_names(model)
@@ -324,7 +384,11 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
     tags = tracking.run_tags(cfg.data.name, cfg.model.name, {
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
-        "tfharness.config_hash": cfg_hash})
+        "replicas": str(strategy.num_replicas_in_sync), "tfharness.config_hash": cfg_hash,
+        **extra_tags})
+    if parent_run_id:
+        # MLflow's UI nests a run under the run this tag names.
+        tags["mlflow.parentRunId"] = parent_run_id
     same_store = resumed is not None and resumed.tracking_uri == cfg.tracking.uri
     tracker.start(run_name, flatten(cfg), tags,
                   resume_run_id=resumed.run_id if same_store and tracker.run_id is None
@@ -363,22 +427,32 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
         with ckpt_lib.interrupt_on_signals():
             final_model, final_split = _run_phases(cfg, tracker, ckpt, bundle, model,
                                                    frozen_by_stage, resolved_yaml, overrides,
-                                                   result)
+                                                   result, strategy)
             if not ckpt.done("test"):
                 test = _evaluate(final_model, final_split, cfg.trainer.batch_size)
                 test = {f"test/{k}": v for k, v in test.items()}
                 ckpt.complete("test", test, 0)
                 tracker.log_metrics(test)
-            # Results measured by an earlier process of a resumed run come from the ledger.
+            # Results measured by an earlier process of a resumed run come from the ledger:
+            # the value at the latest step of each metric (the last epoch's, for sweeps).
             stems = {0: "pretrained", 1: "finetuned"}
+            latest: Dict[str, tuple] = {}
             for key, value, step in ckpt.state.metrics:
                 if key.startswith("reload/"):
                     result.metrics.setdefault(f"{key}@{stems.get(step, step)}", value)
-                elif key.startswith(("test/", "pretrain/test_")):
-                    result.metrics[key] = value
+                elif key not in latest or step >= latest[key][0]:
+                    latest[key] = (step, value)
+            for key, (_, value) in latest.items():
+                result.metrics.setdefault(key, value)
             test = {k: v for k, v in result.metrics.items() if k.startswith("test/")}
             log.info("test: loss %.4f, accuracy %.4f", test.get("test/loss", float("nan")),
                      test.get("test/accuracy", float("nan")))
+            if require_objective:
+                result.objective = _objective(cfg, result.metrics)
+                tracker.log_metrics({"objective": result.objective})
+            if cfg.tracking.register:
+                tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
+                                       cfg.tracking.register)
     except BaseException as error:
         status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
         ckpt.end(status, f"{type(error).__name__}: {error}")
@@ -394,6 +468,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
         raise
     ckpt.end("finished")
     result.model_uris.update(tracker.model_uris)
+    result.registered_versions.update(tracker.registered_versions)
     if cfg.print_report:
         print_report(result.report, result.metrics, result.run_id, cfg)
     return result
@@ -401,7 +476,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
 
 def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
                 bundle: data_lib.DataBundle, model, frozen_by_stage: List[set],
-                resolved_yaml: Optional[str], overrides: Sequence[str], result: RunResult):
+                resolved_yaml: Optional[str], overrides: Sequence[str], result: RunResult,
+                strategy):
     """Pretrain, save and verify, fine-tune, save and verify; skips what a resumed run did."""
     if ckpt.state.resumes:
         _deliver_missing(cfg, tracker, ckpt, bundle)
@@ -413,14 +489,19 @@ def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
             tracker.log_text(text, file)
 
     probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
-    model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
+    with strategy.scope():
+        model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
     if not ckpt.done("saved:pretrained"):
-        done = ckpt.restore(model, "pretrain")
-        speed = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
+        with strategy.scope():
+            done = ckpt.restore(model, "pretrain")
+        speed, last_epoch = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
                      batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
                      verbose=cfg.trainer.verbose, initial_epoch=done,
                      callbacks=[ckpt_lib.epoch_checkpointer(ckpt, tracker, "pretrain",
                                                             "pretrain", label="pretraining")])
+        # The last epoch's values, for callers comparing runs (sweep objectives); the
+        # histories themselves are in MLflow.
+        result.metrics.update({f"pretrain/{k}": v for k, v in last_epoch.items()})
         if not ckpt.done("pretrain-test"):
             pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
             measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
@@ -441,7 +522,7 @@ def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
                        for i in range(len(frozen_by_stage))]
         else:
             tuned, reports, speed = _finetune(cfg, tracker, ckpt, reloaded, bundle.finetune,
-                                              frozen_by_stage)
+                                              frozen_by_stage, strategy)
         result.metrics.update(speed)
         result.report = [row for report in reports for row in report.rows]
         result.metrics["finetune/frozen_weight_change_max"] = max(

@@ -57,12 +57,17 @@ def spool_tail(tracker, jobs: List[list], status: str, tags: Dict[str, str]) -> 
             tracker.cfg.experiment, artifact_location=sqlite_artifact_root(uri)))
         run_id = client.create_run(experiment_id, run_name=f"tail of {tracker.run_id}", tags={
             TARGET_URI: tracker.cfg.uri, TARGET_RUN: tracker.run_id}).info.run_id
-        models = []
+        models, skipped = [], []
         for job in jobs:
             if job[0] == "model":
                 models.append(job[2])
+            elif job[0] == "call":
+                # A model registration needs the server's registry: it cannot wait in a spool.
+                skipped.append(job[1])
             else:
                 tracker.deliver(job, client, run_id)
+        if skipped:
+            tags = {**tags, "tfharness.not_spooled": "; ".join(skipped)}
     if models:
         client.log_text(run_id, model_spec_json(models), MODELS_FILE)
     for key, value in tags.items():

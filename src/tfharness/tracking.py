@@ -31,6 +31,8 @@ log = logging.getLogger("tfharness")
 # MLflow accepts at most 100 params per batch call.
 PARAM_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
+# Run tag prefix holding each logged model's URI: ``tfharness.model_uri.finetuned``.
+MODEL_URI_TAG = "tfharness.model_uri"
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> Optional[str]:
@@ -55,6 +57,28 @@ def sqlite_artifact_root(uri: str) -> Optional[str]:
     return (db_path.parent / "mlartifacts").as_uri()
 
 
+def open_experiment(cfg: TrackingConfig):
+    """An MlflowClient on ``cfg.uri`` and the id of ``cfg.experiment``, created if missing.
+
+    Creating the database and the experiment here, in one process, before any parallel job
+    writes to them, is what keeps a fresh SQLite store from racing on its schema.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.uri)
+    try:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return client, client.create_experiment(
+                cfg.experiment, artifact_location=sqlite_artifact_root(cfg.uri))
+        return client, experiment.experiment_id
+    except Exception as exc:
+        # Before any training: a store that cannot be reached is a setup error, not a crash.
+        raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri={cfg.uri!r} "
+                            f"(experiment {cfg.experiment!r}): {type(exc).__name__}: "
+                            f"{str(exc)[:500]}") from exc
+
+
 class Tracker:
     """Records one run. This base class records nothing; see :class:`MlflowTracker`."""
 
@@ -63,6 +87,8 @@ class Tracker:
     def __init__(self):
         # Logged model URIs by name, complete once finish() has returned.
         self.model_uris: Dict[str, str] = {}
+        # Registered model versions by registered name, complete once finish() has returned.
+        self.registered_versions: Dict[str, str] = {}
 
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
               resume_run_id: Optional[str] = None) -> None:
@@ -97,6 +123,9 @@ class Tracker:
         pass
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
+        pass
+
+    def register_model(self, name: str, registered_name: str) -> None:
         pass
 
     def finish(self, error: Optional[BaseException] = None) -> None:
@@ -308,6 +337,10 @@ class MlflowTracker(Tracker):
                 pip_requirements=payload["requirements"],
             )
             self.model_uris[payload["name"]] = info.model_uri
+            # Lets a sweep find the model of its best trial from the run alone.
+            client.set_tag(run_id, f"{MODEL_URI_TAG}.{payload['name']}", info.model_uri)
+        elif kind == "call":
+            payload()
 
     def _submit(self, kind: str, description: str, payload) -> None:
         # [kind, description, payload, counted as delayed]
@@ -354,6 +387,21 @@ class MlflowTracker(Tracker):
                 "example": example, "requirements": requirements}
         self.model_specs.append(spec)
         self._submit("model", f"model {name}", spec)
+
+    def register_model(self, name: str, registered_name: str) -> None:
+        """Registers the logged model ``name`` (queued before) as a new version of
+        ``registered_name``; the version lands in :attr:`registered_versions`."""
+        import mlflow
+
+        def register() -> None:
+            if name not in self.model_uris:
+                raise TrackingError(f"model {name!r} was not logged (tracking.log_models=false?)")
+            version = mlflow.register_model(self.model_uris[name], registered_name)
+            self.registered_versions[registered_name] = str(version.version)
+            self._client.set_tag(self.run_id, "tfharness.registered_model",
+                                 f"{registered_name}/{version.version}")
+
+        self._submit("call", f"registration of {name} as {registered_name!r}", register)
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         columns: Dict[str, list] = {}
