@@ -320,7 +320,7 @@ def test_a_server_stopped_and_restarted_mid_run_receives_every_metric_point(tmp_
                       "tracking.drain_timeout_s=120", pause=f"pretrain-e0002:{marker}:0.5")
     wait_for(marker, process)
     server.stop()  # down while the rest of pretraining and fine-tuning run
-    time.sleep(3)
+    time.sleep(1)
     server.start()
     stdout, stderr = process.communicate(timeout=180)
     assert process.returncode == 0, stderr
@@ -335,6 +335,11 @@ def test_a_server_stopped_and_restarted_mid_run_receives_every_metric_point(tmp_
         "pretrained", "finetuned"}
 
 
+# Two more server starts (about a minute here): outside the quick suite's budget, opt in with
+# TFHARNESS_SLOW_TESTS=1.
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TFHARNESS_SLOW_TESTS"),
+                    reason="slow (two mlflow server starts): set TFHARNESS_SLOW_TESTS=1")
 def test_a_server_still_down_at_the_end_gets_the_rest_from_the_spool(tmp_path, server):
     from tfharness import sync
 
