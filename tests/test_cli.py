@@ -60,6 +60,9 @@ def test_fast_help_prints_what_hydras_help_prints(tmp_path):
                             "an integer >= 0."),
     (["finetune.head.num_classes=0"], "'finetune.head.num_classes': got 0"),
     (["data=npz", "data.path=/no/such.npz"], "'data.path': got '/no/such.npz'"),
+    (["save_format.signatures=[embeddings]"], "tfharness: Invalid value for "
+     "'save_format.signatures[0]': got 'embeddings'; allowed: one of probabilities, logits, "
+     "embedding, classes."),
 ])
 def test_bad_input_is_one_clear_error_with_exit_1(tmp_path, args, expected):
     result = tfharness(*args, cwd=tmp_path)
