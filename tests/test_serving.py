@@ -112,16 +112,21 @@ def test_versioned_run_with_signatures_writes_the_serving_layout(make_cfg, clien
     import tensorflow as tf
 
     overrides = [*TINY_SYNTHETIC, "model.units=[8]", "trainer.epochs=1", "finetune.epochs=1",
-                 "save_format.versioned=true", "save_format.signatures=[embedding,classes]",
-                 "tracking.log_models=false"]
+                 "save_format.versioned=true", "save_format.signatures=[embedding,classes]"]
     result = tfharness.run(make_cfg(overrides))
     models = tmp_path / "out" / "models"
     assert result.artifacts["pretrained"] == models / "pretrained" / "1"
     assert result.artifacts["finetuned"] == models / "finetuned" / "1"
     loaded = tf.saved_model.load(str(models / "finetuned" / "1"))
     assert {"serving_default", "embedding", "classes"} <= set(loaded.signatures)
+    # The version logged to MLflow serves through pyfunc like an unversioned one.
+    import mlflow
+
+    served = mlflow.pyfunc.load_model(result.model_uris["finetuned"]).predict(
+        np.zeros((2, 12), np.float32))
+    assert served.shape == (2, 3)
     # Same output folder again: the next version, the first one kept for rollback.
-    again = tfharness.run(make_cfg(overrides))
+    again = tfharness.run(make_cfg([*overrides, "tracking.log_models=false"]))
     assert again.artifacts["finetuned"] == models / "finetuned" / "2"
     assert serving.version_numbers(models / "finetuned") == [1, 2]
 
