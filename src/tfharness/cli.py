@@ -32,17 +32,20 @@ class HarnessCommandError(CompactHydraException):
     """Printed by Hydra as its message alone, with exit status 1."""
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+def compose(overrides: Sequence[str] = (), config_name: str = "config", *,
+            return_hydra_config: bool = False) -> DictConfig:
     """Composes the packaged config with ``overrides``, as the command line would.
 
     For use from Python and tests; set ``output_dir`` (it defaults to Hydra's run folder,
-    which exists only under the command line).
+    which exists only under the command line). ``return_hydra_config`` keeps the ``hydra``
+    node (launcher, sweeper) in the result.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module("tfharness.conf", version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
