@@ -169,3 +169,18 @@ def test_bad_serving_config_names_the_key(overrides, key, got):
     with pytest.raises(ConfigError, match=re.escape(f"Invalid value for '{key}'")) as error:
         validate(cfg)
     assert f"got {got};" in str(error.value)
+
+
+def test_a_two_input_model_keeps_keras_own_signature_and_refuses_extras(tmp_path):
+    import keras
+
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    joined = keras.layers.Concatenate(name="join")([a, b])
+    model = keras.Model([a, b], keras.layers.Dense(2, activation="softmax", name="output")(joined))
+    x = [np.ones((4, 3), np.float32), np.arange(8, dtype=np.float32).reshape(4, 2)]
+    path = serialization.save_model(model, tmp_path / "sm", "savedmodel")
+    np.testing.assert_array_equal(serialization.load_model(path)(x).numpy(), model(x).numpy())
+    with pytest.raises(SaveError, match=r"Extra signatures \['embedding'\] need a model with one "
+                                        r"symbolic input; .* has 2"):
+        serialization.save_model(model, tmp_path / "sm2", "savedmodel", ["embedding"])
+    assert not (tmp_path / "sm2").exists()

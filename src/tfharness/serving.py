@@ -113,7 +113,8 @@ def export_savedmodel(model, path: str, extra_signatures: Sequence[str] = ()) ->
     """Writes ``model`` as a SavedModel at ``path`` (a local path or a ``ram://`` one).
 
     Args:
-        model: a built Keras model with one input.
+        model: a built Keras model. One with several inputs, or a subclassed one, is exported
+            with Keras' own ``serve`` signature and cannot take extra signatures.
         path: where to write; anything ``tf.io.gfile`` handles.
         extra_signatures: names from :data:`EXTRA_SIGNATURES`, exported beside
             ``serving_default``.
@@ -121,10 +122,18 @@ def export_savedmodel(model, path: str, extra_signatures: Sequence[str] = ()) ->
     import keras
     import tensorflow as tf
 
-    if len(model.inputs) != 1:
-        raise SaveError(f"tfharness exports models with one input; {model.name!r} has "
-                        f"{len(model.inputs)}.")
-    spec = model.inputs[0]
+    try:
+        inputs = list(model.inputs or [])
+    except AttributeError:  # a subclassed model has no symbolic inputs
+        inputs = []
+    if len(inputs) != 1:
+        # Named signatures need one known input; other models keep Keras' own export.
+        if extra_signatures:
+            raise SaveError(f"Extra signatures {list(extra_signatures)} need a model with one "
+                            f"symbolic input; {model.name!r} has {len(inputs)}.")
+        model.export(str(path), format="tf_saved_model", verbose=False)
+        return
+    spec = inputs[0]
     # A named TensorSpec is what gives the signature an input called "features" instead of the
     # positional name Keras would generate.
     input_spec = tf.TensorSpec((None, *spec.shape[1:]), spec.dtype, name=INPUT_NAME)
