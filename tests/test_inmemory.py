@@ -74,6 +74,10 @@ def test_round_trip_in_memory_writes_nothing_to_the_filesystem(tmp_path, monkeyp
     monkeypatch.chdir(cwd)
     before = {root: tree(root) for root in (tmp_path, cwd, tempfile.gettempdir())}
 
+    # Remember the real scratch folders each call makes, to check they are gone afterwards.
+    scratch_folders, make_scratch = [], inmemory._scratch
+    monkeypatch.setattr(inmemory, "_scratch",
+                        lambda: scratch_folders.append(make_scratch()) or scratch_folders[-1])
     _recorded.clear()
     _recording[0] = True
     try:
@@ -111,7 +115,14 @@ def test_round_trip_in_memory_writes_nothing_to_the_filesystem(tmp_path, monkeyp
     before_fit = np.asarray(reloaded.get_layer("conv_0").kernel).copy()
     reloaded.fit(x, np.arange(24) % 3, epochs=1, batch_size=8, verbose=0)
     assert not np.array_equal(before_fit, np.asarray(reloaded.get_layer("conv_0").kernel))
-    # Every call's ram:// scratch folder is gone: nothing accumulates in memory.
+    # Every call's ram:// scratch folder is gone, files and all: nothing accumulates in memory.
+    assert len(scratch_folders) == 3  # keras save; savedmodel save and load
+    left = [f"{folder}{member}" for folder in scratch_folders
+            for member in ("", "/model.keras", "/model/saved_model.pb", "/saved_model.pb",
+                           "/model/variables/variables.index", "/variables/variables.index",
+                           "/assets/tfharness/model.json")
+            if tf.io.gfile.exists(f"{folder}{member}")]
+    assert left == []
     assert tf.io.gfile.glob("ram://tfharness-*") == []
 
 
