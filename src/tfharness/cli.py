@@ -61,6 +61,9 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     if not cfg.tracking.run_name and hydra_cfg.job.override_dirname:
         cfg.tracking.run_name = hydra_cfg.job.override_dirname
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if in_sweep and not any(o.startswith("print_report=") for o in overrides):
+        # One table per job would bury the sweep's own trial table at the end.
+        cfg.print_report = False
     tags = {"tfharness.job_num": str(hydra_cfg.job.num)} if in_sweep else {}
     parent_run_id = os.environ.get(PARENT_RUN_ENV) if in_sweep else None
     try:
