@@ -136,7 +136,7 @@ def tracking_server(tmp_path):
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True, env={**os.environ, "TFHARNESS_NO_SETUP": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
