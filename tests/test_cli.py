@@ -95,21 +95,6 @@ def test_default_command_runs_from_any_directory_into_local_sqlite(tmp_path):
     assert (tmp_path / "mlartifacts").is_dir()
 
 
-def test_multirun_sweeps_a_comma_list(tmp_path):
-    result = tfharness("-m", *QUICK, "finetune.learning_rate=0.01,0.001", cwd=tmp_path,
-                       module=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    everything = runs_of(tmp_path / "mlflow.db")
-    # One parent run for the sweep, one child run per job nested under it.
-    parents = [r for r in everything if "mlflow.parentRunId" not in r.data.tags]
-    runs = [r for r in everything if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1
-    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parents[0].info.run_id}
-    assert sorted(r.data.params["finetune.learning_rate"] for r in runs) == ["0.001", "0.01"]
-    assert all(r.info.status == "FINISHED" for r in everything)
-    assert len(list((tmp_path / "multirun").glob("*/*/[01]/models/finetuned"))) == 2
-
-
 def test_configs_ship_in_a_regular_install(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
