@@ -30,7 +30,7 @@ from tfharness import data as data_lib
 from tfharness import distribute
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
-from tfharness import serialization, tracking
+from tfharness import inmemory, serialization, serving, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
 from tfharness.errors import ConfigError, HarnessError, RunInterrupted
 
@@ -152,13 +152,19 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
     milestone = f"saved:{stem}"
     if ckpt.done(milestone):
         path = Path(ckpt.state.values["models"][stem])
-        result.artifacts[stem] = path
+        if not cfg.save_format.in_memory:
+            result.artifacts[stem] = path
         log.info("%s: already saved and verified at %s (resumed run)", stem, path)
         return serialization.load_model(path)
-    fmt = cfg.save_format.name
-    target = serialization.artifact_path(Path(cfg.output_dir) / "models", stem, fmt)
-    trip = serialization.save_reload_verify(model, target, fmt, probe,
-                                            cfg.save_format.verify_atol)
+    fmt, sf = cfg.save_format.name, cfg.save_format
+    if sf.in_memory:
+        trip = inmemory.save_reload_verify(model, fmt, probe, sf.verify_atol, sf.signatures)
+    else:
+        target = serialization.artifact_path(Path(cfg.output_dir) / "models", stem, fmt)
+        if sf.versioned:
+            target = serving.next_version_path(target)
+        trip = serialization.save_reload_verify(model, target, fmt, probe, sf.verify_atol,
+                                                sf.signatures)
     measured = {
         "reload/max_abs_diff": trip.max_abs_diff,
         "reload/save_seconds": trip.save_seconds,
@@ -167,13 +173,25 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
     }
     if trip.serving_max_abs_diff is not None:
         measured["reload/serving_max_abs_diff"] = trip.serving_max_abs_diff
-    models = {**ckpt.state.values.get("models", {}), stem: str(trip.path)}
+    path = trip.path
+    if path is None:
+        # In memory, nothing is in the output folder; a resumed run reloads the verified model
+        # from the checkpoint folder instead (checkpoints are on disk anyway).
+        path = ckpt.dir / f"{stem}.keras"
+        serialization.atomic_write(path, lambda tmp: trip.model.save(str(tmp)))
+    models = {**ckpt.state.values.get("models", {}), stem: str(path)}
     ckpt.complete(milestone, measured, step, models=models)
     tracker.log_metrics(measured, step=step)
     log.info("%s: saved as %s to %s (%d bytes, %.2f s), reloaded in %.2f s, max abs diff %.3g",
-             stem, fmt, trip.path, trip.size_bytes, trip.save_seconds, trip.load_seconds,
-             max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
+             stem, fmt, trip.path or "memory", trip.size_bytes, trip.save_seconds,
+             trip.load_seconds, max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
     result.metrics.update({f"{k}@{stem}": v for k, v in measured.items()})
+    if trip.path is None:
+        # MLflow logs models from files; writing one would defeat in_memory, so say so instead.
+        if cfg.tracking.log_models:
+            log.warning("%s: not logged as an MLflow model: save_format.in_memory=true writes no "
+                        "model file (set save_format.in_memory=false to log it)", stem)
+        return trip.model
     result.artifacts[stem] = trip.path
     if cfg.tracking.log_models:
         tracker.log_model(model, stem, probe[:5], trip.path)
@@ -301,7 +319,7 @@ def _deliver_missing(cfg: HarnessConfig, tracker: tracking.Tracker,
         tracker.log_text(texts[file], file)
     if state.values.get("report_rows") and tracker.missing_artifacts([REPORT_TABLE]):
         tracker.log_table(state.values["report_rows"], REPORT_TABLE)
-    if cfg.tracking.log_models and state.values.get("models"):
+    if cfg.tracking.log_models and not cfg.save_format.in_memory and state.values.get("models"):
         logged = set(tracker.logged_model_names())
         for stem, path in state.values["models"].items():
             if stem not in logged:
@@ -385,7 +403,9 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     tags = tracking.run_tags(cfg.data.name, cfg.model.name, {
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
         "replicas": str(strategy.num_replicas_in_sync), "tfharness.config_hash": cfg_hash,
-        **extra_tags})
+        **extra_tags,
+        **({"model_logging": "skipped: save_format.in_memory=true writes no model file"}
+           if cfg.save_format.in_memory and cfg.tracking.log_models else {})})
     if parent_run_id:
         # MLflow's UI nests a run under the run this tag names.
         tags["mlflow.parentRunId"] = parent_run_id
