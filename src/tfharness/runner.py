@@ -370,8 +370,12 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     _check_classes(cfg, bundle)
     _check_writable("output_dir", cfg.output_dir)
     _check_writable("checkpoint_root", cfg.checkpoint_root)
-    serialization.sweep_partial_writes(Path(cfg.output_dir) / "models")
-    serialization.sweep_partial_writes(Path(cfg.output_dir) / "reports")
+    models_dir = Path(cfg.output_dir) / "models"
+    # Versioned exports live one level down (models/<stem>/<version>).
+    for folder in [models_dir, *(models_dir.iterdir() if models_dir.is_dir() else []),
+                   Path(cfg.output_dir) / "reports"]:
+        if folder.is_dir() and not folder.name.startswith("."):
+            serialization.sweep_partial_writes(folder)
 
     # TensorFlow is imported from here on.
     _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
