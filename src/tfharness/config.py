@@ -20,6 +20,8 @@ from tfharness.errors import ConfigError
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam", "adagrad")
 ACTIVATIONS = ("softmax", "sigmoid", "linear", "relu", "tanh", "gelu", "elu", "selu", "swish")
 SAVE_FORMATS = ("savedmodel", "keras", "h5")
+SOURCE_KINDS = ("scratch", "path", "mlflow")
+MLFLOW_SOURCE_URI = re.compile(r"^(models:/[^/@]+(/[^/]+|@[^/]+)?|runs:/[^/]+/.+)$")
 TRACKING_MODES = ("local", "server", "off")
 
 
@@ -161,6 +163,37 @@ class TrackingConfig:
     tags: Dict[str, str] = field(default_factory=dict)
 
 
+# ------------------------------------------------------------------------------------- source
+@dataclass
+class SourceConfig:
+    """Where a run starts: ``scratch`` builds and pretrains; the others load an artifact."""
+
+    name: str = "scratch"
+    # Keras' safe_mode refuses Lambda bytecode and unknown classes in .keras/.h5 files; only set
+    # this for an artifact whose origin you trust (loading it can run its code).
+    allow_unsafe: bool = False
+    # For a SavedModel without Keras metadata (loaded as one opaque block): which function to
+    # call (null: "serve", else the "serving_default" signature), and globs over the block's
+    # variable names to keep frozen inside it.
+    call_endpoint: Optional[str] = None
+    freeze_variables: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathSourceConfig(SourceConfig):
+    name: str = "path"
+    # A SavedModel directory, a .keras file or an .h5 file.
+    path: str = MISSING
+
+
+@dataclass
+class MlflowSourceConfig(SourceConfig):
+    name: str = "mlflow"
+    # models:/<name>/<version>, models:/<name>@<alias>, models:/<model_id> or runs:/<run_id>/<path>,
+    # looked up in the store at tracking.uri.
+    uri: str = MISSING
+
+
 # ------------------------------------------------------------------------------------- top
 @dataclass
 class HarnessConfig:
@@ -170,6 +203,7 @@ class HarnessConfig:
     save_format: SaveFormatConfig = field(default_factory=SaveFormatConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    source: Any = field(default_factory=SourceConfig)
     # Where this run writes its models and reports; the CLI points it at Hydra's run folder.
     output_dir: str = MISSING
     print_report: bool = True
@@ -182,6 +216,7 @@ GROUP_SCHEMAS = {
     "save_format": {"base": SaveFormatConfig},
     "finetune": {"base": FinetuneConfig},
     "tracking": {"base": TrackingConfig},
+    "source": {"scratch": SourceConfig, "path": PathSourceConfig, "mlflow": MlflowSourceConfig},
 }
 
 
@@ -330,6 +365,19 @@ def validate(cfg: HarnessConfig) -> None:
                    "an integer >= 0")
             for i, selector in enumerate(stage.freeze):
                 check_selector_syntax(f"finetune.stages[{s}].freeze[{i}]", selector)
+
+    source = cfg.source
+    _check_choice("source.name", source.name, SOURCE_KINDS)
+    if isinstance(source, PathSourceConfig):
+        _check(bool(source.path.strip()), "source.path", source.path,
+               "the path of a SavedModel directory, a .keras file or an .h5 file")
+    if isinstance(source, MlflowSourceConfig):
+        _check(bool(MLFLOW_SOURCE_URI.match(source.uri)), "source.uri", source.uri,
+               "models:/<name>/<version>, models:/<name>@<alias>, models:/<model_id> or "
+               "runs:/<run_id>/<path>")
+    for i, pattern in enumerate(source.freeze_variables):
+        _check(bool(str(pattern).strip()), f"source.freeze_variables[{i}]", pattern,
+               "a variable name or glob like 'sequential/dense/*'")
 
     _check_choice("tracking.name", cfg.tracking.name, TRACKING_MODES)
     if cfg.tracking.name != "off":

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from tfharness import data as data_lib
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
-from tfharness import serialization, tracking
+from tfharness import sources as sources_lib
+from tfharness import integrity, serialization, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
 from tfharness.errors import ConfigError
 
@@ -32,6 +33,7 @@ log = logging.getLogger("tfharness")
 
 REPORT_TABLE = "reports/trainable_layers.json"
 REPORT_MARKDOWN = "reports/trainable_layers.md"
+SOURCE_REPORT = "reports/source.md"
 
 
 @dataclass
@@ -43,9 +45,15 @@ class RunResult:
     report: List[Dict] = field(default_factory=list)
     artifacts: Dict[str, Path] = field(default_factory=dict)
     model_uris: Dict[str, str] = field(default_factory=dict)
+    # sha256 of each artifact written (see integrity.py), by name.
+    digests: Dict[str, str] = field(default_factory=dict)
+    # reports/source.md of a run that started from a source.
+    source: Optional[str] = None
 
 
-def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
+def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle,
+                   pretrained_classes: Optional[int] = None) -> None:
+    """``pretrained_classes``: the output width of a loaded source (default: the data's)."""
     ft = cfg.finetune
     if not ft.enabled:
         return
@@ -55,10 +63,10 @@ def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
             raise ConfigError("finetune.head.num_classes", ft.head.num_classes,
                               f"an integer >= {needed}, the number of fine-tune classes in the "
                               f"'{bundle.name}' data")
-    elif bundle.pretrain.num_classes < needed:
+    elif (pretrained_classes or bundle.pretrain.num_classes) < needed:
         raise ConfigError("finetune.head.num_classes", None,
                           f"a new head: the fine-tune data has {needed} classes, the pretrained "
-                          f"output only {bundle.pretrain.num_classes}")
+                          f"output only {pretrained_classes or bundle.pretrain.num_classes}")
 
 
 def _probe_batch(split: data_lib.Split, size: int) -> np.ndarray:
@@ -104,7 +112,7 @@ def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]
 
 
 def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str, step: int,
-                probe: np.ndarray, result: RunResult):
+                probe: np.ndarray, result: RunResult, model_tags: Optional[Dict] = None):
     """Save, reload, verify; record the measurements; log the model. Returns the reload."""
     fmt = cfg.save_format.name
     target = serialization.artifact_path(Path(cfg.output_dir) / "models", stem, fmt)
@@ -124,8 +132,15 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
              max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
     result.metrics.update({f"{k}@{stem}": v for k, v in measured.items()})
     result.artifacts[stem] = trip.path
+    # The digest goes into MLflow and beside the artifact, so a later load can tell a damaged
+    # copy from a good one (see integrity.py).
+    record = integrity.write_record(trip.path)
+    tracker.set_tags({f"tfharness.sha256.{stem}": record.sha256})
+    result.digests[stem] = record.sha256
     if cfg.tracking.log_models:
-        tracker.log_model(model, stem, probe[:5], trip.path)
+        tracker.log_model(model, stem, probe[:5], trip.path,
+                          tags={sources_lib.SHA256_TAG: record.sha256, **(model_tags or {})},
+                          extra_artifacts={"sha256": integrity.record_path(trip.path)})
     return trip.model
 
 
@@ -138,6 +153,9 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
     epochs_done, seconds, samples = 0, 0.0, 0
+    # Variables frozen inside an opaque SavedModel block (source.freeze_variables): the layer
+    # check below sees the block as one trainable layer, so they get their own check.
+    frozen_variables = sources_lib.frozen_block_variables(model)
     for index, (stage, frozen) in enumerate(zip(ft_lib.stages_of(ft), frozen_by_stage)):
         ft_lib.apply_freeze(model, frozen)
         # A new compile is what makes the trainable flags above take effect.
@@ -162,7 +180,56 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
                  report.trainable_params, report.frozen_params, report.frozen_weight_change_max)
     speed = {"finetune/train_seconds": seconds,
              "finetune/samples_per_second": samples / seconds} if seconds else {}
+    if frozen_variables:
+        change = sources_lib.check_frozen_block_variables(frozen_variables, model)
+        speed["finetune/frozen_variable_change_max"] = change
+        tracker.log_metrics({"finetune/frozen_variable_change_max": change})
     return model, reports, speed
+
+
+def _pretrain(cfg: HarnessConfig, tracker: tracking.Tracker, model,
+              bundle: data_lib.DataBundle, result: RunResult) -> None:
+    model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
+    speed = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
+                 batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
+                 verbose=cfg.trainer.verbose, callbacks=[tracker.epoch_logger("pretrain")])
+    pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
+    measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
+                **{f"pretrain/{k}": v for k, v in speed.items()}}
+    tracker.log_metrics(measured, step=cfg.trainer.epochs)
+    result.metrics.update(measured)
+    log.info("pretrain: %d epochs on %d samples, test accuracy %.4f", cfg.trainer.epochs,
+             len(bundle.pretrain.train[0]), pretrain_test.get("accuracy", float("nan")))
+
+
+def _check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> None:
+    """What a loaded source rules out, checked before a run is opened."""
+    if source.kind == sources_lib.OPAQUE_SAVEDMODEL:
+        head = cfg.finetune.new_head() if cfg.finetune.enabled else None
+        if head is not None and head.pop != 0:
+            raise ConfigError("finetune.head.pop", head.pop,
+                              "0 for a SavedModel without Keras metadata: it loads as one opaque "
+                              "block, so the new head goes on top of its output")
+        if cfg.save_format.name != "savedmodel":
+            raise ConfigError("save_format", cfg.save_format.name,
+                              "savedmodel for a source loaded as an opaque SavedModel block "
+                              "(only a SavedModel can carry the block's graph)")
+
+
+def _record_source(tracker: tracking.Tracker, source: sources_lib.LoadedSource,
+                   result: RunResult) -> None:
+    measured = {"source/load_seconds": source.load_seconds}
+    if source.parity_max_abs_diff is not None:
+        measured["source/max_abs_diff"] = source.parity_max_abs_diff
+    tracker.log_metrics(measured)
+    result.metrics.update(measured)
+    description = source.describe()
+    tracker.log_text(description, SOURCE_REPORT)
+    result.source = description
+    log.info("source: %s loaded from %s (%s) in %.2f s%s", source.kind, source.artifact.location,
+             "layers kept" if source.layers_kept else "one opaque block", source.load_seconds,
+             f", max abs diff {source.parity_max_abs_diff:.3g} against {source.parity_against}"
+             if source.parity_against else "")
 
 
 def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
@@ -203,11 +270,24 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     cfg = to_typed(cfg)
     validate(cfg)
     bundle = data_lib.load_data(cfg.data)
-    _check_classes(cfg, bundle)
+    from_scratch = cfg.source.name == "scratch"
+    if from_scratch:
+        _check_classes(cfg, bundle)
+    probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
 
     # TensorFlow is imported from here on.
     _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    model = model_lib.build_model(cfg.model, bundle.input_shape, bundle.pretrain.num_classes)
+    source = None
+    if from_scratch:
+        model = model_lib.build_model(cfg.model, bundle.input_shape, bundle.pretrain.num_classes)
+    else:
+        # Loaded, checked and verified before any run is opened: a bad source leaves no run.
+        source = sources_lib.load_source(
+            cfg.source, tracking_uri=cfg.tracking.uri, workdir=Path(cfg.output_dir) / "source",
+            input_shape=bundle.input_shape, probe=probe, atol=cfg.save_format.verify_atol)
+        _check_source_fits(cfg, source)
+        _check_classes(cfg, bundle, source.num_classes)
+        model = source.model
     frozen_by_stage: List[set] = []
     if cfg.finetune.enabled:
         base_names = model_lib.layer_names(model)
@@ -223,7 +303,13 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
     tags = tracking.run_tags(cfg.data.name, cfg.model.name, {
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name})
-    tracker.start(run_name, flatten(cfg), tags)
+    params = flatten(cfg)
+    lineage: Dict[str, str] = {}
+    if source is not None:
+        lineage = sources_lib.lineage_tags(source)
+        tags.update(lineage)
+        params["source"] = source.artifact.location
+    tracker.start(run_name, params, tags)
     result = RunResult(run_id=tracker.run_id)
     if tracker.run_id:
         log.info("MLflow run %s ('%s') in experiment '%s' at %s", tracker.run_id, run_name,
@@ -233,20 +319,14 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
                          "config.yaml")
         tracker.log_text(OmegaConf.to_yaml(list(overrides)), "overrides.yaml")
 
-        probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
-        model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
-        speed = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
-                     batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
-                     verbose=cfg.trainer.verbose, callbacks=[tracker.epoch_logger("pretrain")])
-        pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
-        measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
-                    **{f"pretrain/{k}": v for k, v in speed.items()}}
-        tracker.log_metrics(measured, step=cfg.trainer.epochs)
-        result.metrics.update(measured)
-        log.info("pretrain: %d epochs on %d samples, test accuracy %.4f", cfg.trainer.epochs,
-                 len(bundle.pretrain.train[0]), pretrain_test.get("accuracy", float("nan")))
+        if source is None:
+            _pretrain(cfg, tracker, model, bundle, result)
+        else:
+            _record_source(tracker, source, result)
 
-        reloaded = _round_trip(cfg, tracker, model, "pretrained", 0, probe, result)
+        # With a source, this saves the loaded model in tfharness' format and reloads it, so
+        # fine-tuning starts from a verified model exactly as it does after pretraining.
+        reloaded = _round_trip(cfg, tracker, model, "pretrained", 0, probe, result, lineage)
         final_model, final_split = reloaded, bundle.pretrain
         if cfg.finetune.enabled:
             tuned, reports, speed = _finetune(cfg, tracker, reloaded, bundle.finetune,
@@ -256,7 +336,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
             result.metrics["finetune/frozen_weight_change_max"] = max(
                 r.frozen_weight_change_max for r in reports)
             ft_probe = _probe_batch(bundle.finetune, cfg.save_format.verify_batch_size)
-            final_model = _round_trip(cfg, tracker, tuned, "finetuned", 1, ft_probe, result)
+            final_model = _round_trip(cfg, tracker, tuned, "finetuned", 1, ft_probe, result,
+                                      lineage)
             final_split = bundle.finetune
             if result.report:
                 tracker.log_table(result.report, REPORT_TABLE)

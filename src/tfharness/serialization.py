@@ -77,13 +77,19 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def _saved_variable_name(weight) -> str:
+    name = getattr(getattr(weight, "value", None), "name", None)
+    return name.split(":")[0] if isinstance(name, str) else weight.path
+
+
 def _write_savedmodel(model, path: Path) -> None:
     model.export(str(path), format="tf_saved_model", verbose=False)
     metadata = {
         "format": METADATA_FORMAT,
         "architecture": json.loads(model.to_json()),
-        # In model.weights order; SavedModel variables are named "<path>:0".
-        "weight_paths": [weight.path for weight in model.weights],
+        # In model.weights order, by the SavedModel's own variable names ("<path>:0" for Keras
+        # weights; a block loaded from another SavedModel keeps that SavedModel's names).
+        "weight_paths": [_saved_variable_name(weight) for weight in model.weights],
     }
     meta_file = path / METADATA_PATH
     meta_file.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,12 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> None:
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
+                  tags: Optional[Dict[str, str]] = None,
+                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+        pass
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
         pass
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
@@ -187,8 +192,13 @@ class MlflowTracker(Tracker):
 
         self._submit(f"text {artifact_file}", lambda: mlflow.log_text(text, artifact_file))
 
-    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> None:
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
+                  tags: Optional[Dict[str, str]] = None,
+                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
         """Logs the saved ``artifact`` of ``model`` as an MLflow model, in the background.
+
+        ``tags`` go on the logged model (its sha256, where it came from); ``extra_artifacts``
+        travel beside the artifact (its sha256 record).
 
         ``mlflow.pyfunc.load_model`` predicts with it (see ``tfharness/mlflow_model.py``). The pip
         requirements are given explicitly: inferring them costs seconds per model (a subprocess
@@ -207,7 +217,9 @@ class MlflowTracker(Tracker):
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"model": str(artifact)},
+                artifacts={"model": str(artifact),
+                           **{k: str(v) for k, v in (extra_artifacts or {}).items()}},
+                tags=dict(tags or {}),
                 signature=signature,
                 input_example=example,
                 pip_requirements=requirements,
@@ -215,6 +227,11 @@ class MlflowTracker(Tracker):
             self.model_uris[name] = info.model_uri
 
         self._submit(f"model {name}", log)
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        items = dict(tags)
+        self._submit(f"tags {', '.join(items)}",
+                     lambda: [self._client.set_tag(self.run_id, k, v) for k, v in items.items()])
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         import mlflow
