@@ -151,6 +151,9 @@ def resolve_mlflow(uri: str, tracking_uri: str, workdir: Path) -> SourceArtifact
             if version is not None:
                 lineage["tfharness.source_registered_model"] = f"{version.name}/{version.version}"
                 model_id = version.model_id
+                # Registered from "models:/<model_id>", a version may name it only in source.
+                if model_id is None and (version.source or "").startswith("models:/m-"):
+                    model_id = version.source[len("models:/"):].split("/")[0]
                 if version.run_id:
                     lineage["tfharness.source_run_id"] = version.run_id
                 if model_id is None:
