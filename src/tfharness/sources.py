@@ -247,12 +247,19 @@ def _load_keras_file(path: Path, allow_unsafe: bool, key: str, shown: str):
                           f"{type(exc).__name__}: {message[:300]}).") from exc
 
 
+def legacy_keras_available() -> bool:
+    try:
+        return importlib.util.find_spec("tf_keras") is not None
+    except (ImportError, ValueError):  # ValueError: imports of it are disabled in this process
+        return False
+
+
 def _convert_legacy(path: Path, probe: np.ndarray, tmp_path: Path, shown: str, key: str):
     """Keras 2 SavedModel -> legacy .h5 in ``tmp_path`` (tf_keras, in a child process).
 
     Returns the .h5 path and the Keras 2 model's own outputs on ``probe``.
     """
-    if importlib.util.find_spec("tf_keras") is None:
+    if not legacy_keras_available():
         raise SourceError(f"{key}={shown!r} is a legacy Keras 2 SavedModel (keras_metadata.pb); "
                           f"loading it needs the optional extra 'legacy': {LEGACY_EXTRA}.")
     np.savez(tmp_path / "probe.npz", x=probe)
