@@ -166,8 +166,12 @@ def test_every_source_kind_loads_with_parity_and_fine_tunes(artifacts, make_cfg,
             moved = float(np.max(np.abs(after[name_] - before[name_])))
             assert (moved == 0.0) == (name_ in frozen_variables), (name_, moved)
         assert "The block is opaque" in result.source
+        layer_report = result.artifacts["report"].read_text()
+        assert "`savedmodel_block` is opaque" in layer_report
         for name_ in before:
             assert f"| {name_} |" in result.source
+            trainable = name_ not in frozen_variables
+            assert f"| {name_} | {before[name_].shape} | {trainable} |" in layer_report
 
 
 def test_seed_example1_fine_tunes_from_the_command_line(artifacts, tmp_path):

@@ -341,7 +341,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
             final_split = bundle.finetune
             if result.report:
                 tracker.log_table(result.report, REPORT_TABLE)
-                markdown = tracking.markdown_table(result.report)
+                markdown = tracking.markdown_table(result.report) + sources_lib.block_report(tuned)
                 tracker.log_text(markdown, REPORT_MARKDOWN)
                 report_file = Path(cfg.output_dir) / REPORT_MARKDOWN
                 serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))

@@ -453,13 +453,20 @@ def load_source(cfg: SourceConfig, *, tracking_uri: str, workdir: Path,
     parity, against, block_variables = None, None, []
     if kind == HARNESS_SAVEDMODEL:
         block_class()  # a tfharness SavedModel may hold a fine-tuned opaque block
+        from keras.src.saving.serialization_lib import SafeModeScope
+
         try:
-            model, loaded = serialization.load_savedmodel(artifact.path)
+            # Only a fine-tuned opaque block needs this: it loads the SavedModel it came from.
+            with SafeModeScope(not cfg.allow_unsafe):
+                model, loaded = serialization.load_savedmodel(artifact.path)
         except SourceError:
             raise
         except Exception as exc:
             raise SourceError(f"{key}={shown!r} could not be loaded as a tfharness SavedModel: "
                               f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        # Trusted once by source.allow_unsafe: the run's own saves reload these blocks again.
+        _TRUSTED_BLOCK_PATHS.update(layer.filepath for layer in model.layers
+                                    if isinstance(layer, block_class()))
         _check_input_shape(model, input_shape, shown, key)
         served = loaded.signatures["serving_default"](tf.constant(probe))
         parity = serialization.check_outputs(next(iter(served.values())),
@@ -523,6 +530,20 @@ def check_frozen_block_variables(before: List[Tuple[str, np.ndarray]], model) ->
         raise VerificationError("Variables frozen by source.freeze_variables changed: "
                                 + ", ".join(moved))
     return worst
+
+
+def block_report(model) -> str:
+    """Markdown naming each opaque block of ``model`` and the variables it holds, or ''."""
+    cls = _BLOCK_CLASS
+    blocks = [layer for layer in model.layers if cls is not None and isinstance(layer, cls)]
+    lines = []
+    for block in blocks:
+        lines += ["", f"`{block.name}` is opaque: the function of the SavedModel {block.filepath}, "
+                  f"with no layers inside. Its variables:", "",
+                  "| variable | shape | trainable |", "|---|---|---|"]
+        lines += [f"| {block_variable_name(v)} | {tuple(v.shape)} | "
+                  f"{bool(block.trainable and v.trainable)} |" for v in block.weights]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def lineage_tags(source: LoadedSource) -> Dict[str, str]:
