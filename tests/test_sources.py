@@ -294,6 +294,11 @@ def test_bad_sources_are_clear_errors_before_any_run(artifacts, make_cfg, client
     with pytest.raises(ConfigError, match="'finetune.head.pop': got 1; allowed: 0 for a "
                                           "SavedModel without Keras metadata"):
         tfharness.run(make_cfg(seed))
+    with pytest.raises(ConfigError, match="'save_format': got 'keras'; allowed: savedmodel"):
+        tfharness.run(make_cfg([*seed, "finetune.head.pop=0", "save_format=keras"]))
+    with pytest.raises(ConfigError, match="'source.freeze_variables': got .*finetune.freeze"):
+        tfharness.run(make_cfg([*DATA, "source=path", f"source.path={root / 'keras2.h5'}",
+                                "source.freeze_variables=[d0*]"]))
     with pytest.raises(ConfigError, match=r"source.freeze_variables\[0\].*sequential/dense/kernel"):
         tfharness.run(make_cfg([*seed, "finetune.head.pop=0", "source.freeze_variables=[conv*]"]))
     with pytest.raises(ConfigError, match="'data': got 'samples of shape \\(12,\\)'.*784"):
