@@ -286,6 +286,8 @@ def test_bad_sources_are_clear_errors_before_any_run(artifacts, make_cfg, client
     root, *_ = artifacts
     with pytest.raises(ConfigError, match="'source.path': got .*nowhere"):
         tfharness.run(make_cfg([*DATA, "source=path", f"source.path={tmp_path / 'nowhere'}"]))
+    with pytest.raises(ConfigError, match="'source.uri': got '\\?\\?\\?'"):
+        tfharness.run(make_cfg([*DATA, "source=mlflow"]))
     with pytest.raises(ConfigError, match="'source.uri': got 'clf'"):
         tfharness.run(make_cfg([*DATA, "source=mlflow", "source.uri=clf"]))
     with pytest.raises(SourceError, match="source.uri='models:/nope@champion'"):

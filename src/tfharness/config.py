@@ -239,7 +239,14 @@ def to_typed(cfg: DictConfig | HarnessConfig) -> HarnessConfig:
     """Turns a composed DictConfig into dataclass instances (resolving interpolations)."""
     if isinstance(cfg, HarnessConfig):
         return cfg
-    typed = OmegaConf.to_object(cfg)
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        # A required value (``???``), such as data.path or source.uri, left unset.
+        raise ConfigError(exc.full_key, "???", "a value: this option needs it set, e.g. "
+                          f"{exc.full_key}=...") from None
     if not isinstance(typed, HarnessConfig):
         raise ConfigError("<root>", type(typed).__name__, "a config composed on harness_schema")
     return typed
