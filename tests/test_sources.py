@@ -189,7 +189,19 @@ def test_seed_example1_fine_tunes_from_the_command_line(artifacts, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["source"] == str(root / "my_saved_model")
     assert run.data.tags["tfharness.source_kind"] == "opaque-savedmodel"
+    assert run.data.tags["model"] == "source:opaque-savedmodel"
     assert run.data.metrics["reload/max_abs_diff"] == 0.0
+    # The fine-tuned model serves through MLflow on its own: the block's graph went with it.
+    logged = {m.name: m for m in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id='{run.info.run_id}'")}
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    original = root / "my_saved_model"
+    original.rename(root / "moved_away")
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{logged['finetuned'].model_id}")
+        assert served.predict(np.zeros((2, 784), np.float32)).shape == (2, 3)
+    finally:
+        (root / "moved_away").rename(original)
     report = client.download_artifacts(run.info.run_id, "reports/source.md", str(tmp_path))
     assert "savedmodel_block" in Path(report).read_text()
 

@@ -301,7 +301,9 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     os.makedirs(cfg.output_dir, exist_ok=True)
     tracker = tracking.make_tracker(cfg.tracking)
     run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
-    tags = tracking.run_tags(cfg.data.name, cfg.model.name, {
+    # With a source, the model group played no part: the tag says what the model came from.
+    model_tag = cfg.model.name if source is None else f"source:{source.kind}"
+    tags = tracking.run_tags(cfg.data.name, model_tag, {
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name})
     params = flatten(cfg)
     lineage: Dict[str, str] = {}
