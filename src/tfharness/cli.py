@@ -7,12 +7,15 @@ line (the full traceback with ``HYDRA_FULL_ERROR=1``). Nothing here imports Tens
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import List, Optional, Sequence
 
 # TensorFlow's C++ start-up chatter hides the run's own output; keep warnings and errors only.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# MLflow draws a download progress bar for every logged model it validates: noise in a log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import hydra  # noqa: E402
 from hydra.errors import CompactHydraException  # noqa: E402
@@ -22,6 +25,7 @@ from tfharness.config import register_configs  # noqa: E402
 from tfharness.errors import HarnessError  # noqa: E402
 
 register_configs()
+log = logging.getLogger("tfharness")
 
 
 class HarnessCommandError(CompactHydraException):
@@ -44,21 +48,37 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from tfharness.runner import run
+    from tfharness.sweeps import PARENT_RUN_ENV
 
     hydra_cfg = HydraConfig.get()
     overrides: List[str] = list(hydra_cfg.overrides.task)
     if not cfg.tracking.run_name and hydra_cfg.job.override_dirname:
         cfg.tracking.run_name = hydra_cfg.job.override_dirname
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    tags = {"tfharness.job_num": str(hydra_cfg.job.num)} if in_sweep else {}
+    parent_run_id = os.environ.get(PARENT_RUN_ENV) if in_sweep else None
     try:
-        result = run(cfg, overrides=overrides)
-    except HarnessError as error:
+        result = run(cfg, overrides=overrides, tags=tags, parent_run_id=parent_run_id,
+                     require_objective=in_sweep)
+    except Exception as error:
+        if parent_run_id and cfg.tracking.name != "off":
+            from tfharness.sweeps import record_failed_trial
+
+            try:
+                record_failed_trial(cfg, parent_run_id, hydra_cfg.job.num,
+                                    cfg.tracking.run_name or ",".join(overrides), error)
+            except Exception as record_error:  # the trial's own error matters more
+                log.warning("Could not record the failed trial in MLflow: %s", record_error)
+        if not isinstance(error, HarnessError):
+            raise
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise HarnessCommandError(f"tfharness: {error}") from None
-    # Returned for Hydra sweepers (Optuna optimizes the task function's return value).
-    return result.metrics.get("test/accuracy")
+    # What Hydra's sweepers optimize (Optuna): sweep.objective, checked finite by the runner.
+    return result.objective
 
 
 def config_groups() -> str:
@@ -110,7 +130,20 @@ def main() -> None:
             return
         sys.stdout.write(text)
         return
-    _hydra_main()
+    from tfharness import sweeps
+
+    sweeps.ACTIVE = None
+    try:
+        _hydra_main()
+    finally:
+        # Hydra's basic sweeper raises on a failed job before its end-of-sweep callback:
+        # the parent run is summarized and ended here then.
+        summary = sweeps.finish_active()
+    failed = sweeps.ACTIVE is not None and (
+        sweeps.ACTIVE.error is not None or (summary is not None and summary.failed))
+    if failed:
+        # Sweepers that tolerate failures (Optuna, max_failure_rate) would exit 0.
+        sys.exit(1)
 
 
 if __name__ == "__main__":

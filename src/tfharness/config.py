@@ -22,6 +22,8 @@ ACTIVATIONS = ("softmax", "sigmoid", "linear", "relu", "tanh", "gelu", "elu", "s
 SAVE_FORMATS = ("savedmodel", "keras", "h5")
 SOURCE_KINDS = ("scratch", "path", "mlflow")
 MLFLOW_SOURCE_URI = re.compile(r"^(models:/[^/@]+(/[^/]+|@[^/]+)?|runs:/[^/]+/.+)$")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 
 
@@ -102,6 +104,11 @@ class TrainerConfig:
     # Deterministic kernels make "same seed, same metrics" hold exactly on CPU.
     deterministic: bool = True
     verbose: int = 0
+    # tf.distribute strategy for training inside one job: default, mirrored, multi_worker.
+    strategy: str = "default"
+    # Split the CPU into this many logical devices (0: leave it whole). With no GPU this is how
+    # mirrored training runs on one machine, one replica per logical CPU.
+    cpu_devices: int = 0
 
 
 # -------------------------------------------------------------------------------- save format
@@ -161,6 +168,20 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_models: bool = True
     tags: Dict[str, str] = field(default_factory=dict)
+    # Register the run's final (fine-tuned) model under this name in the model registry.
+    register: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------------ sweep
+@dataclass
+class SweepConfig:
+    # The metric a sweep compares trials on, as the run records it; the task function returns it.
+    objective: str = "finetune/val_accuracy"
+    direction: str = "maximize"
+    # Fraction of an Optuna search's trials allowed to fail before the search stops.
+    max_failure_rate: float = 1.0
+    # Register the best trial's model under this name, with the alias "champion".
+    register_best: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------- source
@@ -204,6 +225,7 @@ class HarnessConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source: Any = field(default_factory=SourceConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # Where this run writes its models and reports; the CLI points it at Hydra's run folder.
     output_dir: str = MISSING
     print_report: bool = True
@@ -340,6 +362,15 @@ def validate(cfg: HarnessConfig) -> None:
            "a number > 0")
     _check(trainer.epochs >= 0, "trainer.epochs", trainer.epochs, "an integer >= 0")
     _check(trainer.batch_size >= 1, "trainer.batch_size", trainer.batch_size, "an integer >= 1")
+
+    _check_choice("trainer.strategy", trainer.strategy, STRATEGIES)
+    _check(trainer.cpu_devices >= 0, "trainer.cpu_devices", trainer.cpu_devices,
+           "an integer >= 0 (0 keeps the CPU as one device)")
+    _check_choice("sweep.direction", cfg.sweep.direction, DIRECTIONS)
+    _check(0.0 <= cfg.sweep.max_failure_rate <= 1.0, "sweep.max_failure_rate",
+           cfg.sweep.max_failure_rate, "a fraction in [0, 1]")
+    _check("/" in cfg.sweep.objective, "sweep.objective", cfg.sweep.objective,
+           "a metric the run records, such as finetune/val_accuracy or test/accuracy")
 
     _check_choice("save_format.name", cfg.save_format.name, SAVE_FORMATS)
     _check(cfg.save_format.verify_atol >= 0, "save_format.verify_atol",

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,12 +24,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from tfharness import data as data_lib
+from tfharness import distribute
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import sources as sources_lib
 from tfharness import integrity, serialization, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
-from tfharness.errors import ConfigError
+from tfharness.errors import ConfigError, HarnessError
 
 log = logging.getLogger("tfharness")
 
@@ -49,6 +52,21 @@ class RunResult:
     digests: Dict[str, str] = field(default_factory=dict)
     # reports/source.md of a run that started from a source.
     source: Optional[str] = None
+    registered_versions: Dict[str, str] = field(default_factory=dict)
+    # The value of sweep.objective, set when the run was asked for it (sweep trials).
+    objective: Optional[float] = None
+
+
+def _objective(cfg: HarnessConfig, metrics: Dict[str, float]) -> float:
+    """The sweep objective of a finished run; a missing or non-finite one fails the trial."""
+    key = cfg.sweep.objective
+    if key not in metrics:
+        raise ConfigError("sweep.objective", key,
+                          f"a metric this run records: {', '.join(sorted(metrics))}")
+    value = metrics[key]
+    if not math.isfinite(value):
+        raise HarnessError(f"The objective {key} of this trial is {value}: a failed trial")
+    return value
 
 
 def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle,
@@ -80,25 +98,29 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
     import keras
     import tensorflow as tf
 
+    # Each run starts from a clean Keras state: in a sweep, many runs share one process.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
 
 
 def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int,
-         callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> Dict[str, float]:
-    """Trains and returns the wall time of ``fit`` and the training throughput it achieved."""
+         callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> tuple:
+    """Trains; returns (wall time and throughput of ``fit``, the last epoch's metrics)."""
     if epochs <= 0:
-        return {}
+        return {}, {}
     train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed)
     val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed)
            if len(split.val[0]) else None)
     start = time.perf_counter()
-    model.fit(train, validation_data=val, epochs=initial_epoch + epochs,
+    history = model.fit(train, validation_data=val, epochs=initial_epoch + epochs,
               initial_epoch=initial_epoch, callbacks=list(callbacks), verbose=verbose,
               shuffle=False)  # the tf.data pipeline already shuffles, seeded
     seconds = time.perf_counter() - start
-    return {"train_seconds": seconds, "samples_per_second": len(split.train[0]) * epochs / seconds}
+    last = {k: float(v[-1]) for k, v in history.history.items() if v}
+    return ({"train_seconds": seconds,
+             "samples_per_second": len(split.train[0]) * epochs / seconds}, last)
 
 
 def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
@@ -152,6 +174,7 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
     optimizer = ft.optimizer or cfg.trainer.optimizer
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
+    last_epoch: Dict[str, float] = {}
     epochs_done, seconds, samples = 0, 0.0, 0
     # Variables frozen inside an opaque SavedModel block (source.freeze_variables): the layer
     # check below sees the block as one trainable layer, so they get their own check.
@@ -161,9 +184,10 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
         # A new compile is what makes the trainable flags above take effect.
         model_lib.compile_model(model, optimizer, stage.learning_rate)
         before = ft_lib.snapshot(model)
-        speed = _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
+        speed, stage_last = _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
                      seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
                      callbacks=[tracker.epoch_logger("finetune", step_offset=epochs_done)])
+        last_epoch = stage_last or last_epoch
         epochs_done += stage.epochs
         seconds += speed.get("train_seconds", 0.0)
         samples += len(split.train[0]) * stage.epochs
@@ -184,15 +208,20 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
         change = sources_lib.check_frozen_block_variables(frozen_variables, model)
         speed["finetune/frozen_variable_change_max"] = change
         tracker.log_metrics({"finetune/frozen_variable_change_max": change})
+    speed.update({f"finetune/{k}": v for k, v in last_epoch.items()})
     return model, reports, speed
 
 
 def _pretrain(cfg: HarnessConfig, tracker: tracking.Tracker, model,
               bundle: data_lib.DataBundle, result: RunResult) -> None:
     model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
-    speed = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
-                 batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
-                 verbose=cfg.trainer.verbose, callbacks=[tracker.epoch_logger("pretrain")])
+    speed, last_epoch = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
+                             batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
+                             verbose=cfg.trainer.verbose,
+                             callbacks=[tracker.epoch_logger("pretrain")])
+    # The last epoch's values, for callers comparing runs (sweep objectives); the
+    # histories themselves are in MLflow.
+    result.metrics.update({f"pretrain/{k}": v for k, v in last_epoch.items()})
     pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
     measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
                 **{f"pretrain/{k}": v for k, v in speed.items()}}
@@ -259,13 +288,26 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
                       f"{cfg.tracking.uri}")
 
 
-def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunResult:
+def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
+        parent_run_id: Optional[str] = None, require_objective: bool = False,
+        tags: Optional[Dict[str, str]] = None) -> RunResult:
     """Runs one experiment end to end and returns what it measured and wrote.
 
     Args:
         cfg: a composed config (``DictConfig``) or a :class:`HarnessConfig`.
         overrides: the command-line overrides, recorded as an artifact and the default run name.
+        parent_run_id: nest the MLflow run under this run (a sweep's parent run).
+        require_objective: fail the run when ``sweep.objective`` is missing or not finite (a
+            sweep trial: a NaN objective is a failed trial, recorded as a FAILED run).
+        tags: extra MLflow run tags.
     """
+    with contextlib.ExitStack() as scopes:
+        return _run(cfg, overrides, scopes, parent_run_id, require_objective, tags or {})
+
+
+def _run(cfg, overrides: Sequence[str], scopes: contextlib.ExitStack,
+         parent_run_id: Optional[str], require_objective: bool,
+         extra_tags: Dict[str, str]) -> RunResult:
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
     validate(cfg)
@@ -277,6 +319,9 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
 
     # TensorFlow is imported from here on.
     _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    # Models built (or loaded) in the strategy's scope train under it (a no-op scope by default).
+    strategy = distribute.make_strategy(cfg.trainer)
+    scopes.enter_context(strategy.scope())
     source = None
     if from_scratch:
         model = model_lib.build_model(cfg.model, bundle.input_shape, bundle.pretrain.num_classes)
@@ -304,7 +349,11 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
     # With a source, the model group played no part: the tag says what the model came from.
     model_tag = cfg.model.name if source is None else f"source:{source.kind}"
     tags = tracking.run_tags(cfg.data.name, model_tag, {
-        "save_format": cfg.save_format.name, "finetune": cfg.finetune.name})
+        "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
+        "replicas": str(strategy.num_replicas_in_sync), **extra_tags})
+    if parent_run_id:
+        # MLflow's UI nests a run under the run this tag names.
+        tags["mlflow.parentRunId"] = parent_run_id
     params = flatten(cfg)
     lineage: Dict[str, str] = {}
     if source is not None:
@@ -354,11 +403,18 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = ()) -> RunRe
         result.metrics.update({f"test/{k}": v for k, v in test.items()})
         log.info("test: loss %.4f, accuracy %.4f", test.get("loss", float("nan")),
                  test.get("accuracy", float("nan")))
+        if require_objective:
+            result.objective = _objective(cfg, result.metrics)
+            tracker.log_metrics({"objective": result.objective})
+        if cfg.tracking.register:
+            tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
+                                   cfg.tracking.register)
     except BaseException as error:
         tracker.finish(error)
         raise
     tracker.finish()
     result.model_uris.update(tracker.model_uris)
+    result.registered_versions.update(tracker.registered_versions)
     if cfg.print_report:
         print_report(result.report, result.metrics, result.run_id, cfg)
     return result

@@ -27,6 +27,8 @@ from tfharness.errors import TrackingError
 # MLflow accepts at most 100 params per batch call.
 PARAM_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
+# Run tag prefix holding each logged model's URI: ``tfharness.model_uri.finetuned``.
+MODEL_URI_TAG = "tfharness.model_uri"
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> Optional[str]:
@@ -51,6 +53,28 @@ def sqlite_artifact_root(uri: str) -> Optional[str]:
     return (db_path.parent / "mlartifacts").as_uri()
 
 
+def open_experiment(cfg: TrackingConfig):
+    """An MlflowClient on ``cfg.uri`` and the id of ``cfg.experiment``, created if missing.
+
+    Creating the database and the experiment here, in one process, before any parallel job
+    writes to them, is what keeps a fresh SQLite store from racing on its schema.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.uri)
+    try:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return client, client.create_experiment(
+                cfg.experiment, artifact_location=sqlite_artifact_root(cfg.uri))
+        return client, experiment.experiment_id
+    except Exception as exc:
+        # Before any training: a store that cannot be reached is a setup error, not a crash.
+        raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri={cfg.uri!r} "
+                            f"(experiment {cfg.experiment!r}): {type(exc).__name__}: "
+                            f"{str(exc)[:500]}") from exc
+
+
 class Tracker:
     """Records one run. This base class records nothing; see :class:`MlflowTracker`."""
 
@@ -59,6 +83,8 @@ class Tracker:
     def __init__(self):
         # Logged model URIs by name, complete once finish() has returned.
         self.model_uris: Dict[str, str] = {}
+        # Registered model versions by registered name, complete once finish() has returned.
+        self.registered_versions: Dict[str, str] = {}
 
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str]) -> None:
         pass
@@ -84,6 +110,9 @@ class Tracker:
         pass
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
+        pass
+
+    def register_model(self, name: str, registered_name: str) -> None:
         pass
 
     def finish(self, error: Optional[BaseException] = None) -> None:
@@ -113,19 +142,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         mlflow.set_tracking_uri(self.cfg.uri)
-        self._client = mlflow.MlflowClient(self.cfg.uri)
-        try:
-            experiment = self._client.get_experiment_by_name(self.cfg.experiment)
-            if experiment is None:
-                experiment_id = self._client.create_experiment(
-                    self.cfg.experiment, artifact_location=sqlite_artifact_root(self.cfg.uri))
-            else:
-                experiment_id = experiment.experiment_id
-        except Exception as exc:
-            # Before any training: a store that cannot be reached is a setup error, not a crash.
-            raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri="
-                                f"{self.cfg.uri!r} (experiment {self.cfg.experiment!r}): "
-                                f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+        self._client, experiment_id = open_experiment(self.cfg)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                                tags={**tags, **self.cfg.tags})
         self.run_id = run.info.run_id
@@ -225,6 +242,8 @@ class MlflowTracker(Tracker):
                 pip_requirements=requirements,
             )
             self.model_uris[name] = info.model_uri
+            # Lets a sweep find the model of its best trial from the run alone.
+            self._client.set_tag(self.run_id, f"{MODEL_URI_TAG}.{name}", info.model_uri)
 
         self._submit(f"model {name}", log)
 
@@ -232,6 +251,21 @@ class MlflowTracker(Tracker):
         items = dict(tags)
         self._submit(f"tags {', '.join(items)}",
                      lambda: [self._client.set_tag(self.run_id, k, v) for k, v in items.items()])
+
+    def register_model(self, name: str, registered_name: str) -> None:
+        """Registers the logged model ``name`` (queued before) as a new version of
+        ``registered_name``; the version lands in :attr:`registered_versions`."""
+        import mlflow
+
+        def register() -> None:
+            if name not in self.model_uris:
+                raise TrackingError(f"model {name!r} was not logged (tracking.log_models=false?)")
+            version = mlflow.register_model(self.model_uris[name], registered_name)
+            self.registered_versions[registered_name] = str(version.version)
+            self._client.set_tag(self.run_id, "tfharness.registered_model",
+                                 f"{registered_name}/{version.version}")
+
+        self._submit(f"registration of {name} as {registered_name!r}", register)
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         import mlflow
