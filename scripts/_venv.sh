@@ -9,6 +9,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "Creating $VENV ..." >&2
   "$PYTHON" -m venv "$VENV"
 fi
+# Without extras, an install with extras (scripts/test's dev venv) serves too.
+if [ -z "${EXTRAS:-}" ]; then
+  for stamp in "$VENV"/.tfharness-installed*; do
+    if [ -f "$stamp" ] && [ ! "$ROOT/pyproject.toml" -nt "$stamp" ]; then STAMP="$stamp"; fi
+  done
+fi
 # Reinstall when pyproject.toml changed since the last install.
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "Installing tfharness${EXTRAS:+[$EXTRAS]} into $VENV (first time: a few minutes) ..." >&2

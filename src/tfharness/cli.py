@@ -32,17 +32,20 @@ class HarnessCommandError(CompactHydraException):
     """Printed by Hydra as its message alone, with exit status 1."""
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+def compose(overrides: Sequence[str] = (), config_name: str = "config", *,
+            return_hydra_config: bool = False) -> DictConfig:
     """Composes the packaged config with ``overrides``, as the command line would.
 
     For use from Python and tests; set ``output_dir`` (it defaults to Hydra's run folder,
-    which exists only under the command line).
+    which exists only under the command line). ``return_hydra_config`` keeps the ``hydra``
+    node (launcher, sweeper) in the result.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module("tfharness.conf", version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -58,6 +61,9 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     if not cfg.tracking.run_name and hydra_cfg.job.override_dirname:
         cfg.tracking.run_name = hydra_cfg.job.override_dirname
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if in_sweep and not any(o.startswith("print_report=") for o in overrides):
+        # One table per job would bury the sweep's own trial table at the end.
+        cfg.print_report = False
     tags = {"tfharness.job_num": str(hydra_cfg.job.num)} if in_sweep else {}
     parent_run_id = os.environ.get(PARENT_RUN_ENV) if in_sweep else None
     try:

@@ -366,6 +366,10 @@ def validate(cfg: HarnessConfig) -> None:
     _check_choice("trainer.strategy", trainer.strategy, STRATEGIES)
     _check(trainer.cpu_devices >= 0, "trainer.cpu_devices", trainer.cpu_devices,
            "an integer >= 0 (0 keeps the CPU as one device)")
+    if cfg.tracking.register is not None:
+        _check(cfg.tracking.name != "off" and cfg.tracking.log_models, "tracking.register",
+               cfg.tracking.register, "null while tracking is off or tracking.log_models is "
+               "false (a registered version points at a logged model)")
     _check_choice("sweep.direction", cfg.sweep.direction, DIRECTIONS)
     _check(0.0 <= cfg.sweep.max_failure_rate <= 1.0, "sweep.max_failure_rate",
            cfg.sweep.max_failure_rate, "a fraction in [0, 1]")

@@ -161,17 +161,29 @@ def load_data(cfg: DataConfig) -> DataBundle:
     raise DataError("data", getattr(cfg, "name", cfg), ["digits", "synthetic", "npz"])
 
 
-def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int):
+def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
+                 pad_to_multiple: int = 1):
     """A ``tf.data`` pipeline over in-memory arrays that shuffles indices, not samples.
 
     Shuffling a dataset of samples moves every sample through the shuffle buffer one by one;
     here one element holds the whole arrays (no ``cache()``: it would only keep a second copy), a
     seeded permutation of indices is batched, and each batch is one ``tf.gather`` (what Keras
     itself does for NumPy input), prefetched.
+
+    ``pad_to_multiple`` > 1 (evaluation under a multi-replica strategy) pads the arrays with
+    zero-weight rows up to a multiple of it and yields ``(x, y, weight)``: Keras 3 fails to
+    evaluate a final batch that splits unevenly across replicas (AddN shape mismatch), and
+    zero weights keep the padding out of every metric.
     """
     import tensorflow as tf
 
     count = len(arrays[0])
+    if pad_to_multiple > 1 and not shuffle:
+        pad = -count % pad_to_multiple
+        weights = np.concatenate([np.ones(count, "float32"), np.zeros(pad, "float32")])
+        arrays = tuple(np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in arrays)
+        arrays = (*arrays, weights)
+        count += pad
     whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
     indices = tf.data.Dataset.range(count)
     if shuffle:
@@ -180,5 +192,5 @@ def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int):
     # A sequential map: a gather is cheap, prefetch overlaps it with training, and parallel
     # calls only compete with the training ops for the cores (measured slower on 2 cores).
     batches = tf.data.Dataset.zip((indices, whole)).map(
-        lambda index, data: (tf.gather(data[0], index), tf.gather(data[1], index)))
+        lambda index, data: tuple(tf.gather(part, index) for part in data))
     return batches.prefetch(tf.data.AUTOTUNE)

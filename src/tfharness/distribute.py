@@ -50,3 +50,18 @@ def make_strategy(cfg: TrainerConfig):
         # The cluster comes from TF_CONFIG (or a single local worker when it is unset).
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def into_scope(model, strategy):
+    """``model`` rebuilt under ``strategy`` with the same weights (for a model loaded outside
+    it); the model itself when the strategy is the default one."""
+    import keras
+    import tensorflow as tf
+
+    if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy():
+        return model
+    if model.distribute_strategy is strategy:
+        return model
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -111,7 +110,8 @@ def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: in
     if epochs <= 0:
         return {}, {}
     train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed)
-    val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed)
+    val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed,
+                                 pad_to_multiple=_replicas(model))
            if len(split.val[0]) else None)
     start = time.perf_counter()
     history = model.fit(train, validation_data=val, epochs=initial_epoch + epochs,
@@ -123,13 +123,19 @@ def _fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: in
              "samples_per_second": len(split.train[0]) * epochs / seconds}, last)
 
 
+def _replicas(model) -> int:
+    """How many replicas the model trains on (1 unless built under a multi-replica strategy)."""
+    return model.distribute_strategy.num_replicas_in_sync
+
+
 def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
     if not len(split.test[0]):
         return {}
     if not model.compiled:
         # A model straight from disk has no loss or metrics yet; the optimizer is irrelevant here.
         model_lib.compile_model(model, "sgd", 0.0)
-    test = data_lib.make_dataset(split.test, batch_size, shuffle=False, seed=0)
+    test = data_lib.make_dataset(split.test, batch_size, shuffle=False, seed=0,
+                                 pad_to_multiple=_replicas(model))
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
 
 
@@ -167,10 +173,12 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
 
 
 def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
-              split: data_lib.Split, frozen_by_stage: List[set]) -> tuple:
+              split: data_lib.Split, frozen_by_stage: List[set], strategy) -> tuple:
     ft = cfg.finetune
     head = ft.new_head()
-    model = ft_lib.attach_head(pretrained, head) if head else pretrained
+    with strategy.scope():
+        pretrained = distribute.into_scope(pretrained, strategy)
+        model = ft_lib.attach_head(pretrained, head) if head else pretrained
     optimizer = ft.optimizer or cfg.trainer.optimizer
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
@@ -182,7 +190,8 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
     for index, (stage, frozen) in enumerate(zip(ft_lib.stages_of(ft), frozen_by_stage)):
         ft_lib.apply_freeze(model, frozen)
         # A new compile is what makes the trainable flags above take effect.
-        model_lib.compile_model(model, optimizer, stage.learning_rate)
+        with strategy.scope():
+            model_lib.compile_model(model, optimizer, stage.learning_rate)
         before = ft_lib.snapshot(model)
         speed, stage_last = _fit(model, split, epochs=stage.epochs, batch_size=batch_size,
                      seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
@@ -213,8 +222,9 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, pretrained,
 
 
 def _pretrain(cfg: HarnessConfig, tracker: tracking.Tracker, model,
-              bundle: data_lib.DataBundle, result: RunResult) -> None:
-    model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
+              bundle: data_lib.DataBundle, result: RunResult, strategy) -> None:
+    with strategy.scope():
+        model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
     speed, last_epoch = _fit(model, bundle.pretrain, epochs=cfg.trainer.epochs,
                              batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
                              verbose=cfg.trainer.verbose,
@@ -301,12 +311,10 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
             sweep trial: a NaN objective is a failed trial, recorded as a FAILED run).
         tags: extra MLflow run tags.
     """
-    with contextlib.ExitStack() as scopes:
-        return _run(cfg, overrides, scopes, parent_run_id, require_objective, tags or {})
+    return _run(cfg, overrides, parent_run_id, require_objective, tags or {})
 
 
-def _run(cfg, overrides: Sequence[str], scopes: contextlib.ExitStack,
-         parent_run_id: Optional[str], require_objective: bool,
+def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_objective: bool,
          extra_tags: Dict[str, str]) -> RunResult:
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
@@ -319,14 +327,24 @@ def _run(cfg, overrides: Sequence[str], scopes: contextlib.ExitStack,
 
     # TensorFlow is imported from here on.
     _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    # Models built (or loaded) in the strategy's scope train under it (a no-op scope by default).
+    # Models built in the strategy's scope train under it (a no-op scope by default); saving
+    # and reloading happen outside it (a SavedModel does not load in a replica context).
     strategy = distribute.make_strategy(cfg.trainer)
-    scopes.enter_context(strategy.scope())
+    replicas = strategy.num_replicas_in_sync
+    for key, size in (("trainer.batch_size", cfg.trainer.batch_size),
+                      ("finetune.batch_size", cfg.finetune.batch_size)):
+        if size is not None and size % replicas:
+            # Each global batch is split across the replicas; Keras evaluates only even splits.
+            raise ConfigError(key, size, f"a multiple of the {replicas} replicas of "
+                                         f"trainer.strategy={cfg.trainer.strategy}")
     source = None
     if from_scratch:
-        model = model_lib.build_model(cfg.model, bundle.input_shape, bundle.pretrain.num_classes)
+        with strategy.scope():
+            model = model_lib.build_model(cfg.model, bundle.input_shape,
+                                          bundle.pretrain.num_classes)
     else:
         # Loaded, checked and verified before any run is opened: a bad source leaves no run.
+        # Outside the strategy's scope, like every reload (see above).
         source = sources_lib.load_source(
             cfg.source, tracking_uri=cfg.tracking.uri, workdir=Path(cfg.output_dir) / "source",
             input_shape=bundle.input_shape, probe=probe, atol=cfg.save_format.verify_atol)
@@ -371,7 +389,7 @@ def _run(cfg, overrides: Sequence[str], scopes: contextlib.ExitStack,
         tracker.log_text(OmegaConf.to_yaml(list(overrides)), "overrides.yaml")
 
         if source is None:
-            _pretrain(cfg, tracker, model, bundle, result)
+            _pretrain(cfg, tracker, model, bundle, result, strategy)
         else:
             _record_source(tracker, source, result)
 
@@ -381,7 +399,7 @@ def _run(cfg, overrides: Sequence[str], scopes: contextlib.ExitStack,
         final_model, final_split = reloaded, bundle.pretrain
         if cfg.finetune.enabled:
             tuned, reports, speed = _finetune(cfg, tracker, reloaded, bundle.finetune,
-                                              frozen_by_stage)
+                                              frozen_by_stage, strategy)
             result.metrics.update(speed)
             result.report = [row for report in reports for row in report.rows]
             result.metrics["finetune/frozen_weight_change_max"] = max(

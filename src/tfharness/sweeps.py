@@ -70,7 +70,9 @@ class SweepSummary:
     def ranked(self) -> List[Trial]:
         """Successful trials best first, then the failed ones in job order."""
         sign = -1.0 if self.direction == "maximize" else 1.0
-        good = sorted((t for t in self.trials if t.succeeded), key=lambda t: sign * t.objective)
+        # Ties go to the earlier trial, as Optuna's best_trial does.
+        good = sorted((t for t in self.trials if t.succeeded),
+                      key=lambda t: (sign * t.objective, t.number or 0))
         bad = sorted((t for t in self.trials if not t.succeeded), key=lambda t: t.number or 0)
         return good + bad
 
