@@ -8,7 +8,7 @@ matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job
 process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
-Usage: scripts/bench [--repeats N] [--quick]
+Usage: scripts/bench [--repeats N] [--quick] [--only save-formats]
 """
 
 from __future__ import annotations
@@ -175,35 +175,77 @@ def input_pipeline_and_flops(work: dict) -> dict:
             "flops_per_sample": flops_per_sample, "matmul_peak_gflops": 2 * n ** 3 / best / 1e9}
 
 
-def save_formats(work: dict, folder: Path) -> list:
-    import pickle
+SAVE_FORMAT_ROUNDS = 5
+SIGNATURES = ["probabilities", "logits", "embedding", "classes"]
 
+
+def save_formats(work: dict, folder: Path, rounds: int = SAVE_FORMAT_ROUNDS) -> list:
+    """Median save time, reload-and-verify time and size of each format, on disk and in memory.
+
+    Reload-and-verify is what ``save_reload_verify`` does after saving: load, rebuild the Keras
+    model, compare outputs on 64 samples (and, for a SavedModel, call ``serving_default`` too).
+    """
     import numpy as np
 
-    from tfharness import serialization
+    from tfharness import inmemory, serialization
     from tfharness.config import MlpConfig
     from tfharness.models import build_model
 
     model = build_model(MlpConfig(units=work["units"]), (784,), 10)
     probe = np.random.default_rng(0).standard_normal((64, 784)).astype(np.float32)
-    rows = []
-    for fmt in ("savedmodel", "keras", "h5"):
-        trip = serialization.save_reload_verify(
-            model, serialization.artifact_path(folder, f"bench-{fmt}", fmt), fmt, probe, 1e-6)
-        verify_start = time.perf_counter()
-        serialization.check_outputs(np.asarray(model(probe)), np.asarray(trip.model(probe)), 1e-6,
-                                    fmt)
-        rows.append({"format": fmt, "save_s": trip.save_seconds,
-                     "reload_verify_s": trip.load_seconds + time.perf_counter() - verify_start,
-                     "size_kib": trip.size_bytes / 1024})
-    start = time.perf_counter()
-    blob = pickle.dumps(model)  # an in-memory .keras archive: no filesystem
-    saved = time.perf_counter()
-    restored = pickle.loads(blob)
-    serialization.check_outputs(np.asarray(model(probe)), np.asarray(restored(probe)), 1e-6, "ram")
-    rows.append({"format": "in-memory (.keras bytes)", "save_s": saved - start,
-                 "reload_verify_s": time.perf_counter() - saved, "size_kib": len(blob) / 1024})
-    return rows
+    ways = {
+        "savedmodel": lambda: serialization.save_reload_verify(
+            model, folder / "bench-savedmodel", "savedmodel", probe, 1e-6),
+        f"savedmodel + {len(SIGNATURES)} signatures": lambda: serialization.save_reload_verify(
+            model, folder / "bench-signatures", "savedmodel", probe, 1e-6, SIGNATURES),
+        "keras": lambda: serialization.save_reload_verify(
+            model, folder / "bench.keras", "keras", probe, 1e-6),
+        "h5": lambda: serialization.save_reload_verify(model, folder / "bench.h5", "h5", probe,
+                                                       1e-6),
+        "in memory, keras bytes": lambda: inmemory.save_reload_verify(model, "keras", probe, 1e-6),
+        "in memory, savedmodel bytes": lambda: inmemory.save_reload_verify(
+            model, "savedmodel", probe, 1e-6),
+    }
+    load_before = os.getloadavg()[0]
+    for trip in ways.values():
+        trip()  # the first export traces functions once per process: keep it out of the medians
+    samples = {way: [] for way in ways}
+    # Alternate the ways round by round so a noisy moment on a shared machine hits them all.
+    for _ in range(rounds):
+        for way, trip in ways.items():
+            start = time.perf_counter()
+            result = trip()
+            total = time.perf_counter() - start
+            samples[way].append((result.save_seconds, total - result.save_seconds,
+                                 result.size_bytes))
+    # A busy machine slows every row: the load average says how busy it was.
+    load = (load_before, os.getloadavg()[0])
+    return [{"format": way, "save_s": statistics.median(s[0] for s in runs),
+             "reload_verify_s": statistics.median(s[1] for s in runs),
+             "size_kib": runs[-1][2] / 1024, "rounds": rounds, "load": load}
+            for way, runs in samples.items()]
+
+
+def save_format_lines(formats: list) -> list:
+    return [f"Save formats (the large workload's model, 784-512-512-10; median of "
+            f"{formats[0]['rounds']} alternated rounds after one warm-up each; in memory means "
+            f"`tfharness.inmemory`, no file written; 1-minute load average "
+            f"{formats[0]['load'][0]:.1f} before, {formats[0]['load'][1]:.1f} after, on "
+            f"{os.cpu_count()} cores):", "",
+            "| format | save s | reload + verify s | size KiB |", "|---|---|---|---|",
+            *(f"| {r['format']} | {r['save_s']:.3f} | {r['reload_verify_s']:.3f} | "
+              f"{r['size_kib']:.0f} |" for r in formats)]
+
+
+def replace_save_formats(text: str, lines: list) -> str:
+    """``text`` (a results.md) with its save-format section replaced by ``lines``."""
+    head, marker, rest = text.partition("Save formats (")
+    if not marker:
+        return text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    # The section ends at the first blank line after its table.
+    table_end = rest.find("\n\n", rest.find("|---"))
+    tail = rest[table_end:] if table_end >= 0 else "\n"
+    return head + "\n".join(lines) + tail
 
 
 def logging_cost(folder: Path) -> dict:
@@ -300,10 +342,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
+    parser.add_argument("--only", choices=["save-formats"],
+                        help="run only this section and replace it in --output")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
     root = Path(tempfile.mkdtemp(prefix="tfharness-bench-"))
+    if args.only == "save-formats":
+        lines = save_format_lines(save_formats(WORKLOADS["large"], root,
+                                               1 if args.quick else SAVE_FORMAT_ROUNDS))
+        output = Path(args.output)
+        output.write_text(replace_save_formats(
+            output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
+        print("\n".join(lines))
+        return
     results = {}
     for name, work in WORKLOADS.items():
         print(f"workload {name}: {repeats} x (plain, autolog, harness)", flush=True)
@@ -359,10 +411,7 @@ def main() -> None:
     lines.append(f"| sweep of {sweep['jobs']} jobs in one process <= half of {sweep['jobs']} "
                  f"invocations | {sweep['one_process_s']:.1f} s vs {sweep['separate_s']:.1f} s | "
                  f"{verdict(sweep['one_process_s'] <= sweep['separate_s'] / 2)} |")
-    lines += ["", "Save formats (the large workload's model, 784-512-512-10):", "",
-              "| format | save s | reload + verify s | size KiB |", "|---|---|---|---|"]
-    lines += [f"| {r['format']} | {r['save_s']:.3f} | {r['reload_verify_s']:.3f} | "
-              f"{r['size_kib']:.0f} |" for r in formats]
+    lines += ["", *save_format_lines(formats)]
     lines += ["", "Logged models carry explicit pip requirements: no requirement inference."]
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

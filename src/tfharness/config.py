@@ -22,6 +22,9 @@ ACTIVATIONS = ("softmax", "sigmoid", "linear", "relu", "tanh", "gelu", "elu", "s
 SAVE_FORMATS = ("savedmodel", "keras", "h5")
 SOURCE_KINDS = ("scratch", "path", "mlflow")
 MLFLOW_SOURCE_URI = re.compile(r"^(models:/[^/@]+(/[^/]+|@[^/]+)?|runs:/[^/]+/.+)$")
+# Kept in step with tfharness.serving.EXTRA_SIGNATURES (a test checks); config imports no TF.
+SERVING_SIGNATURES = ("probabilities", "logits", "embedding", "classes")
+IN_MEMORY_FORMATS = ("savedmodel", "keras")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
@@ -118,6 +121,12 @@ class SaveFormatConfig:
     # Largest absolute difference allowed between the in-memory model and its reload.
     verify_atol: float = 1e-6
     verify_batch_size: int = 64
+    # Save and reload through bytes in memory (tfharness.inmemory): no model file is written.
+    in_memory: bool = False
+    # SavedModel only: write <models>/<name>/<N>/, the layout TensorFlow Serving watches.
+    versioned: bool = False
+    # SavedModel only: signatures beside serving_default (tfharness.serving.EXTRA_SIGNATURES).
+    signatures: List[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------- finetune
@@ -316,6 +325,41 @@ def check_selector_syntax(key: str, selector: str) -> None:
            "an index, a slice like 0:-1, a layer name, a glob like conv*, or @base")
 
 
+def _validate_serving(cfg: HarnessConfig) -> None:
+    """In-memory round trips, versioned layout and signatures, and how they combine."""
+    sf = cfg.save_format
+    if sf.in_memory:
+        _check(sf.name in IN_MEMORY_FORMATS, "save_format.name", sf.name,
+               "savedmodel or keras when save_format.in_memory=true (h5 has no in-memory form)")
+        _check(not sf.versioned, "save_format.versioned", sf.versioned,
+               "false when save_format.in_memory=true (nothing is written to version)")
+        # An in-memory run logs no MLflow model (see runner._round_trip): nothing to register.
+        for key, name in (("tracking.register", cfg.tracking.register),
+                          ("sweep.register_best", cfg.sweep.register_best)):
+            _check(name is None, key, name, "null when save_format.in_memory=true (an in-memory "
+                   "run logs no model to register)")
+    if sf.versioned:
+        _check(sf.name == "savedmodel", "save_format.versioned", sf.versioned,
+               "false unless save_format.name=savedmodel (the TensorFlow Serving layout holds "
+               "SavedModels)")
+    for i, name in enumerate(sf.signatures):
+        _check(name in SERVING_SIGNATURES, f"save_format.signatures[{i}]", name,
+               "one of " + ", ".join(SERVING_SIGNATURES))
+    _check(len(set(sf.signatures)) == len(sf.signatures), "save_format.signatures",
+           list(sf.signatures), "distinct signature names")
+    _check(not sf.signatures or sf.name == "savedmodel", "save_format.signatures",
+           list(sf.signatures), "[] unless save_format.name=savedmodel (only a SavedModel "
+           "carries serving signatures)")
+    if "probabilities" in sf.signatures:
+        heads = [("model.output_activation", cfg.model.output_activation)]
+        if cfg.finetune.enabled and cfg.finetune.new_head() is not None:
+            heads.append(("finetune.head.activation", cfg.finetune.head.activation))
+        for key, activation in heads:
+            _check(activation in ("softmax", "sigmoid", "linear"), key, activation,
+                   "softmax, sigmoid or linear when save_format.signatures lists "
+                   "'probabilities' (any other output is not a probability)")
+
+
 def validate(cfg: HarnessConfig) -> None:
     """Checks ranges and cross-field rules; raises :class:`ConfigError` naming the key."""
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
@@ -381,6 +425,7 @@ def validate(cfg: HarnessConfig) -> None:
            cfg.save_format.verify_atol, "a number >= 0")
     _check(cfg.save_format.verify_batch_size >= 1, "save_format.verify_batch_size",
            cfg.save_format.verify_batch_size, "an integer >= 1")
+    _validate_serving(cfg)
 
     ft = cfg.finetune
     if ft.enabled:

@@ -14,6 +14,14 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
+def _single_output(outputs):
+    # tfharness SavedModels name their one output ({"probabilities": ...}); older ones return
+    # the tensor itself.
+    if isinstance(outputs, dict):
+        return next(iter(outputs.values()))
+    return outputs
+
+
 class KerasArtifactModel(PythonModel):
     """Predicts with a SavedModel through its ``serve`` endpoint, or with a Keras file."""
 
@@ -27,7 +35,7 @@ class KerasArtifactModel(PythonModel):
             import tensorflow as tf
 
             loaded = tf.saved_model.load(path)
-            self._predict = lambda x: loaded.serve(tf.constant(x))
+            self._predict = lambda x: _single_output(loaded.serve(tf.constant(x)))
         else:
             import keras
 

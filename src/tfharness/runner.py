@@ -27,7 +27,7 @@ from tfharness import distribute
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import sources as sources_lib
-from tfharness import integrity, serialization, tracking
+from tfharness import inmemory, integrity, serialization, serving, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
 from tfharness.errors import ConfigError, HarnessError
 
@@ -142,10 +142,15 @@ def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]
 def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str, step: int,
                 probe: np.ndarray, result: RunResult, model_tags: Optional[Dict] = None):
     """Save, reload, verify; record the measurements; log the model. Returns the reload."""
-    fmt = cfg.save_format.name
-    target = serialization.artifact_path(Path(cfg.output_dir) / "models", stem, fmt)
-    trip = serialization.save_reload_verify(model, target, fmt, probe,
-                                            cfg.save_format.verify_atol)
+    fmt, sf = cfg.save_format.name, cfg.save_format
+    if sf.in_memory:
+        trip = inmemory.save_reload_verify(model, fmt, probe, sf.verify_atol, sf.signatures)
+    else:
+        target = serialization.artifact_path(Path(cfg.output_dir) / "models", stem, fmt)
+        if sf.versioned:
+            target = serving.next_version_path(target)
+        trip = serialization.save_reload_verify(model, target, fmt, probe, sf.verify_atol,
+                                                sf.signatures)
     measured = {
         "reload/max_abs_diff": trip.max_abs_diff,
         "reload/save_seconds": trip.save_seconds,
@@ -156,9 +161,15 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, model, stem: str,
         measured["reload/serving_max_abs_diff"] = trip.serving_max_abs_diff
     tracker.log_metrics(measured, step=step)
     log.info("%s: saved as %s to %s (%d bytes, %.2f s), reloaded in %.2f s, max abs diff %.3g",
-             stem, fmt, trip.path, trip.size_bytes, trip.save_seconds, trip.load_seconds,
-             max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
+             stem, fmt, trip.path or "memory", trip.size_bytes, trip.save_seconds,
+             trip.load_seconds, max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
     result.metrics.update({f"{k}@{stem}": v for k, v in measured.items()})
+    if trip.path is None:
+        # MLflow logs models from files; writing one would defeat in_memory, so say so instead.
+        if cfg.tracking.log_models:
+            log.warning("%s: not logged as an MLflow model: save_format.in_memory=true writes no "
+                        "model file (set save_format.in_memory=false to log it)", stem)
+        return trip.model
     result.artifacts[stem] = trip.path
     # The digest goes into MLflow and beside the artifact, so a later load can tell a damaged
     # copy from a good one (see integrity.py).
@@ -368,7 +379,9 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     model_tag = cfg.model.name if source is None else f"source:{source.kind}"
     tags = tracking.run_tags(cfg.data.name, model_tag, {
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
-        "replicas": str(strategy.num_replicas_in_sync), **extra_tags})
+        "replicas": str(strategy.num_replicas_in_sync), **extra_tags,
+        **({"model_logging": "skipped: save_format.in_memory=true writes no model file"}
+           if cfg.save_format.in_memory and cfg.tracking.log_models else {})})
     if parent_run_id:
         # MLflow's UI nests a run under the run this tag names.
         tags["mlflow.parentRunId"] = parent_run_id

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -82,8 +82,17 @@ def _saved_variable_name(weight) -> str:
     return name.split(":")[0] if isinstance(name, str) else weight.path
 
 
-def _write_savedmodel(model, path: Path) -> None:
-    model.export(str(path), format="tf_saved_model", verbose=False)
+def write_savedmodel(model, path: str | os.PathLike, signatures: Sequence[str] = ()) -> None:
+    """Writes the tfharness SavedModel of ``model`` at ``path``, not atomically.
+
+    ``path`` may be local or anything ``tf.io.gfile`` handles (``ram://`` keeps it in memory).
+    ``signatures`` are the extra serving signatures of :mod:`tfharness.serving`.
+    """
+    import tensorflow as tf
+
+    from tfharness import serving
+
+    serving.export_savedmodel(model, str(path), signatures)
     metadata = {
         "format": METADATA_FORMAT,
         "architecture": json.loads(model.to_json()),
@@ -91,16 +100,20 @@ def _write_savedmodel(model, path: Path) -> None:
         # weights; a block loaded from another SavedModel keeps that SavedModel's names).
         "weight_paths": [_saved_variable_name(weight) for weight in model.weights],
     }
-    meta_file = path / METADATA_PATH
-    meta_file.parent.mkdir(parents=True, exist_ok=True)
-    meta_file.write_text(json.dumps(metadata))
+    meta_file = f"{path}/{METADATA_PATH.as_posix()}"
+    tf.io.gfile.makedirs(meta_file.rsplit("/", 1)[0])
+    with tf.io.gfile.GFile(meta_file, "w") as handle:
+        handle.write(json.dumps(metadata))
 
 
-def save_model(model, target: str | os.PathLike, fmt: str) -> Path:
-    """Saves ``model`` to ``target`` in ``fmt`` (``savedmodel``, ``keras`` or ``h5``) atomically."""
+def save_model(model, target: str | os.PathLike, fmt: str, signatures: Sequence[str] = ()) -> Path:
+    """Saves ``model`` to ``target`` in ``fmt`` (``savedmodel``, ``keras`` or ``h5``) atomically.
+
+    ``signatures`` (SavedModel only) are extra serving signatures, see :mod:`tfharness.serving`.
+    """
     target = Path(target)
     if fmt == "savedmodel":
-        return atomic_write(target, lambda tmp: _write_savedmodel(model, tmp))
+        return atomic_write(target, lambda tmp: write_savedmodel(model, tmp, signatures))
     if fmt in ("keras", "h5"):
         if target.suffix != SUFFIXES[fmt]:
             raise SaveError(f"A {fmt} model needs a '{SUFFIXES[fmt]}' file name; got {target}.")
@@ -121,8 +134,9 @@ def load_savedmodel(path: str | os.PathLike):
     import keras
     import tensorflow as tf
 
-    path = Path(path)
-    metadata = json.loads((path / METADATA_PATH).read_text())
+    # Read through tf.io.gfile so an in-memory (ram://) SavedModel loads the same way.
+    with tf.io.gfile.GFile(f"{path}/{METADATA_PATH.as_posix()}", "r") as handle:
+        metadata = json.loads(handle.read())
     if metadata.get("format") != METADATA_FORMAT:
         raise SaveError(f"{path} was written by an unknown tfharness format "
                         f"{metadata.get('format')!r}; this version reads {METADATA_FORMAT}.")
@@ -172,7 +186,7 @@ def artifact_size(path: Path) -> int:
 class RoundTrip:
     """What saving and reloading one model measured."""
 
-    path: Path
+    path: Optional[Path]  # None for an in-memory round trip
     model: object
     max_abs_diff: float
     serving_max_abs_diff: float | None
@@ -196,7 +210,7 @@ def check_outputs(expected: np.ndarray, actual, atol: float, where) -> float:
 
 
 def save_reload_verify(model, target: str | os.PathLike, fmt: str, probe: np.ndarray,
-                       atol: float) -> RoundTrip:
+                       atol: float, signatures: Sequence[str] = ()) -> RoundTrip:
     """Saves ``model``, loads it back and checks that both give the same outputs on ``probe``.
 
     Raises :class:`VerificationError` when the largest absolute difference exceeds ``atol``.
@@ -204,23 +218,35 @@ def save_reload_verify(model, target: str | os.PathLike, fmt: str, probe: np.nda
     Serving would call it.
     """
     start = time.perf_counter()
-    path = save_model(model, target, fmt)
+    path = save_model(model, target, fmt, signatures)
     saved = time.perf_counter()
-    serving = None
     if fmt == "savedmodel":
         reloaded, loaded = load_savedmodel(path)
     else:
         reloaded, loaded = load_model(path), None
     loaded_at = time.perf_counter()
 
-    expected = np.asarray(model(probe, training=False))
-    diff = check_outputs(expected, reloaded(probe, training=False), atol, path)
-    if loaded is not None:
-        import tensorflow as tf
-
-        outputs = loaded.signatures["serving_default"](tf.constant(probe))
-        serving = check_outputs(expected, next(iter(outputs.values())), atol,
-                                f"{path} (serving_default signature)")
+    diff, serving = verify_reload(model, reloaded, loaded, probe, atol, path)
     return RoundTrip(path=path, model=reloaded, max_abs_diff=diff, serving_max_abs_diff=serving,
                      save_seconds=saved - start, load_seconds=loaded_at - saved,
                      size_bytes=artifact_size(path))
+
+
+def verify_reload(model, reloaded, loaded, probe: np.ndarray, atol: float, where):
+    """Compares ``reloaded`` (and the SavedModel object ``loaded``, if any) with ``model``.
+
+    Returns ``(max_abs_diff, serving_max_abs_diff or None)``; raises :class:`VerificationError`
+    past ``atol``. The SavedModel is called through ``serving_default`` with its named input, the
+    way TensorFlow Serving calls it.
+    """
+    expected = np.asarray(model(probe, training=False))
+    diff = check_outputs(expected, reloaded(probe, training=False), atol, where)
+    if loaded is None:
+        return diff, None
+    import tensorflow as tf
+
+    from tfharness import serving
+
+    outputs = loaded.signatures["serving_default"](**{serving.INPUT_NAME: tf.constant(probe)})
+    served = outputs.get(serving.default_output_name(model), next(iter(outputs.values())))
+    return diff, check_outputs(expected, served, atol, f"{where} (serving_default signature)")
