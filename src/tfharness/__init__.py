@@ -9,14 +9,16 @@ from tfharness.errors import (
     ConfigError,
     DataError,
     HarnessError,
+    IntegrityError,
     SaveError,
+    SourceError,
     TrackingError,
     VerificationError,
 )
 
 __version__ = "0.1.0"
 __all__ = ["compose", "run", "RunResult", "HarnessConfig", "HarnessError", "ConfigError",
-           "DataError", "SaveError", "TrackingError", "VerificationError"]
+           "DataError", "SaveError", "IntegrityError", "SourceError", "TrackingError", "VerificationError"]
 
 
 def __getattr__(name):

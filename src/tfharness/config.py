@@ -20,6 +20,8 @@ from tfharness.errors import ConfigError
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam", "adagrad")
 ACTIVATIONS = ("softmax", "sigmoid", "linear", "relu", "tanh", "gelu", "elu", "selu", "swish")
 SAVE_FORMATS = ("savedmodel", "keras", "h5")
+SOURCE_KINDS = ("scratch", "path", "mlflow")
+MLFLOW_SOURCE_URI = re.compile(r"^(models:/[^/@]+(/[^/]+|@[^/]+)?|runs:/[^/]+/.+)$")
 # Kept in step with tfharness.serving.EXTRA_SIGNATURES (a test checks); config imports no TF.
 SERVING_SIGNATURES = ("probabilities", "logits", "embedding", "classes")
 IN_MEMORY_FORMATS = ("savedmodel", "keras")
@@ -202,6 +204,37 @@ class SweepConfig:
     register_best: Optional[str] = None
 
 
+# ------------------------------------------------------------------------------------- source
+@dataclass
+class SourceConfig:
+    """Where a run starts: ``scratch`` builds and pretrains; the others load an artifact."""
+
+    name: str = "scratch"
+    # Keras' safe_mode refuses Lambda bytecode and unknown classes in .keras/.h5 files; only set
+    # this for an artifact whose origin you trust (loading it can run its code).
+    allow_unsafe: bool = False
+    # For a SavedModel without Keras metadata (loaded as one opaque block): which function to
+    # call (null: "serve", else the "serving_default" signature), and globs over the block's
+    # variable names to keep frozen inside it.
+    call_endpoint: Optional[str] = None
+    freeze_variables: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathSourceConfig(SourceConfig):
+    name: str = "path"
+    # A SavedModel directory, a .keras file or an .h5 file.
+    path: str = MISSING
+
+
+@dataclass
+class MlflowSourceConfig(SourceConfig):
+    name: str = "mlflow"
+    # models:/<name>/<version>, models:/<name>@<alias>, models:/<model_id> or runs:/<run_id>/<path>,
+    # looked up in the store at tracking.uri.
+    uri: str = MISSING
+
+
 # ------------------------------------------------------------------------------------- top
 @dataclass
 class HarnessConfig:
@@ -211,6 +244,7 @@ class HarnessConfig:
     save_format: SaveFormatConfig = field(default_factory=SaveFormatConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    source: Any = field(default_factory=SourceConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # Where this run writes its models and reports; the CLI points it at Hydra's run folder.
     output_dir: str = MISSING
@@ -230,6 +264,7 @@ GROUP_SCHEMAS = {
     "save_format": {"base": SaveFormatConfig},
     "finetune": {"base": FinetuneConfig},
     "tracking": {"base": TrackingConfig},
+    "source": {"scratch": SourceConfig, "path": PathSourceConfig, "mlflow": MlflowSourceConfig},
 }
 
 
@@ -252,7 +287,14 @@ def to_typed(cfg: DictConfig | HarnessConfig) -> HarnessConfig:
     """Turns a composed DictConfig into dataclass instances (resolving interpolations)."""
     if isinstance(cfg, HarnessConfig):
         return cfg
-    typed = OmegaConf.to_object(cfg)
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        # A required value (``???``), such as data.path or source.uri, left unset.
+        raise ConfigError(exc.full_key, "???", "a value: this option needs it set, e.g. "
+                          f"{exc.full_key}=...") from None
     if not isinstance(typed, HarnessConfig):
         raise ConfigError("<root>", type(typed).__name__, "a config composed on harness_schema")
     return typed
@@ -427,6 +469,19 @@ def validate(cfg: HarnessConfig) -> None:
                    "an integer >= 0")
             for i, selector in enumerate(stage.freeze):
                 check_selector_syntax(f"finetune.stages[{s}].freeze[{i}]", selector)
+
+    source = cfg.source
+    _check_choice("source.name", source.name, SOURCE_KINDS)
+    if isinstance(source, PathSourceConfig):
+        _check(bool(source.path.strip()), "source.path", source.path,
+               "the path of a SavedModel directory, a .keras file or an .h5 file")
+    if isinstance(source, MlflowSourceConfig):
+        _check(bool(MLFLOW_SOURCE_URI.match(source.uri)), "source.uri", source.uri,
+               "models:/<name>/<version>, models:/<name>@<alias>, models:/<model_id> or "
+               "runs:/<run_id>/<path>")
+    for i, pattern in enumerate(source.freeze_variables):
+        _check(bool(str(pattern).strip()), f"source.freeze_variables[{i}]", pattern,
+               "a variable name or glob like 'sequential/dense/*'")
 
     _check_choice("tracking.name", cfg.tracking.name, TRACKING_MODES)
     if cfg.tracking.name != "off":

@@ -35,6 +35,14 @@ class SaveError(HarnessError):
     """Writing or reading a model artifact failed."""
 
 
+class IntegrityError(SaveError):
+    """An artifact's bytes no longer match the sha256 recorded when tfharness wrote it."""
+
+
+class SourceError(HarnessError):
+    """The artifact named by the ``source`` config group cannot be found, read or trusted."""
+
+
 class TrackingError(HarnessError):
     """The MLflow tracking store named by ``tracking.uri`` cannot be used."""
 

@@ -30,7 +30,8 @@ from tfharness import data as data_lib
 from tfharness import distribute
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
-from tfharness import inmemory, serialization, serving, tracking
+from tfharness import sources as sources_lib
+from tfharness import inmemory, integrity, serialization, serving, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
 from tfharness.errors import ConfigError, HarnessError, RunInterrupted
 
@@ -38,6 +39,7 @@ log = logging.getLogger("tfharness")
 
 REPORT_TABLE = "reports/trainable_layers.json"
 REPORT_MARKDOWN = "reports/trainable_layers.md"
+SOURCE_REPORT = "reports/source.md"
 
 
 @dataclass
@@ -49,6 +51,10 @@ class RunResult:
     report: List[Dict] = field(default_factory=list)
     artifacts: Dict[str, Path] = field(default_factory=dict)
     model_uris: Dict[str, str] = field(default_factory=dict)
+    # sha256 of each artifact written (see integrity.py), by name.
+    digests: Dict[str, str] = field(default_factory=dict)
+    # reports/source.md of a run that started from a source.
+    source: Optional[str] = None
     registered_versions: Dict[str, str] = field(default_factory=dict)
     # The value of sweep.objective, set when the run was asked for it (sweep trials).
     objective: Optional[float] = None
@@ -66,7 +72,9 @@ def _objective(cfg: HarnessConfig, metrics: Dict[str, float]) -> float:
     return value
 
 
-def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
+def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle,
+                   pretrained_classes: Optional[int] = None) -> None:
+    """``pretrained_classes``: the output width of a loaded source (default: the data's)."""
     ft = cfg.finetune
     if not ft.enabled:
         return
@@ -76,10 +84,10 @@ def _check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle) -> None:
             raise ConfigError("finetune.head.num_classes", ft.head.num_classes,
                               f"an integer >= {needed}, the number of fine-tune classes in the "
                               f"'{bundle.name}' data")
-    elif bundle.pretrain.num_classes < needed:
+    elif (pretrained_classes or bundle.pretrain.num_classes) < needed:
         raise ConfigError("finetune.head.num_classes", None,
                           f"a new head: the fine-tune data has {needed} classes, the pretrained "
-                          f"output only {bundle.pretrain.num_classes}")
+                          f"output only {pretrained_classes or bundle.pretrain.num_classes}")
 
 
 def _probe_batch(split: data_lib.Split, size: int) -> np.ndarray:
@@ -144,7 +152,8 @@ def _evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]
 
 
 def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
-                model, stem: str, step: int, probe: np.ndarray, result: RunResult):
+                model, stem: str, step: int, probe: np.ndarray, result: RunResult,
+                model_tags: Optional[Dict] = None):
     """Save, reload, verify; record the measurements; log the model. Returns the reload.
 
     A resumed run that did this already loads the verified artifact instead.
@@ -154,6 +163,9 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
         path = Path(ckpt.state.values["models"][stem])
         if not cfg.save_format.in_memory:
             result.artifacts[stem] = path
+        digest = ckpt.state.values.get("digests", {}).get(stem)
+        if digest:
+            result.digests[stem] = digest
         log.info("%s: already saved and verified at %s (resumed run)", stem, path)
         return serialization.load_model(path)
     fmt, sf = cfg.save_format.name, cfg.save_format
@@ -173,14 +185,20 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
     }
     if trip.serving_max_abs_diff is not None:
         measured["reload/serving_max_abs_diff"] = trip.serving_max_abs_diff
-    path = trip.path
+    path, record = trip.path, None
     if path is None:
         # In memory, nothing is in the output folder; a resumed run reloads the verified model
         # from the checkpoint folder instead (checkpoints are on disk anyway).
         path = ckpt.dir / f"{stem}.keras"
         serialization.atomic_write(path, lambda tmp: trip.model.save(str(tmp)))
+    else:
+        # The digest goes into MLflow and beside the artifact, so a later load can tell a
+        # damaged copy from a good one (see integrity.py).
+        record = integrity.write_record(trip.path)
     models = {**ckpt.state.values.get("models", {}), stem: str(path)}
-    ckpt.complete(milestone, measured, step, models=models)
+    digests = {**ckpt.state.values.get("digests", {}),
+               **({stem: record.sha256} if record else {})}
+    ckpt.complete(milestone, measured, step, models=models, digests=digests)
     tracker.log_metrics(measured, step=step)
     log.info("%s: saved as %s to %s (%d bytes, %.2f s), reloaded in %.2f s, max abs diff %.3g",
              stem, fmt, trip.path or "memory", trip.size_bytes, trip.save_seconds,
@@ -193,8 +211,12 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
                         "model file (set save_format.in_memory=false to log it)", stem)
         return trip.model
     result.artifacts[stem] = trip.path
+    tracker.set_tags({f"tfharness.sha256.{stem}": record.sha256})
+    result.digests[stem] = record.sha256
     if cfg.tracking.log_models:
-        tracker.log_model(model, stem, probe[:5], trip.path)
+        tracker.log_model(model, stem, probe[:5], trip.path,
+                          tags={sources_lib.SHA256_TAG: record.sha256, **(model_tags or {})},
+                          extra_artifacts={"sha256": integrity.record_path(trip.path)})
     return trip.model
 
 
@@ -215,6 +237,9 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
     reports: List[ft_lib.StageReport] = []
     last_epoch: Dict[str, float] = {}
     epochs_done, seconds, samples = 0, 0.0, 0
+    # Variables frozen inside an opaque SavedModel block (source.freeze_variables): the layer
+    # check below sees the block as one trainable layer, so they get their own check.
+    frozen_variables = sources_lib.frozen_block_variables(model)
     for index, (stage, frozen) in enumerate(zip(ft_lib.stages_of(ft), frozen_by_stage)):
         phase, milestone = f"finetune/{index}", f"finetune-stage:{index}"
         if ckpt.done(milestone):
@@ -262,8 +287,42 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
         ckpt.load_newest_weights(model)
     speed = {"finetune/train_seconds": seconds,
              "finetune/samples_per_second": samples / seconds} if seconds else {}
+    if frozen_variables:
+        change = sources_lib.check_frozen_block_variables(frozen_variables, model)
+        speed["finetune/frozen_variable_change_max"] = change
+        tracker.log_metrics({"finetune/frozen_variable_change_max": change})
     speed.update({f"finetune/{k}": v for k, v in last_epoch.items()})
     return model, reports, speed
+
+
+def _check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> None:
+    """What a loaded source rules out, checked before a run is opened."""
+    if source.kind == sources_lib.OPAQUE_SAVEDMODEL:
+        head = cfg.finetune.new_head() if cfg.finetune.enabled else None
+        if head is not None and head.pop != 0:
+            raise ConfigError("finetune.head.pop", head.pop,
+                              "0 for a SavedModel without Keras metadata: it loads as one opaque "
+                              "block, so the new head goes on top of its output")
+        if cfg.save_format.name != "savedmodel":
+            raise ConfigError("save_format", cfg.save_format.name,
+                              "savedmodel for a source loaded as an opaque SavedModel block "
+                              "(only a SavedModel can carry the block's graph)")
+
+
+def _record_source(tracker: tracking.Tracker, source: sources_lib.LoadedSource,
+                   result: RunResult) -> None:
+    measured = {"source/load_seconds": source.load_seconds}
+    if source.parity_max_abs_diff is not None:
+        measured["source/max_abs_diff"] = source.parity_max_abs_diff
+    tracker.log_metrics(measured)
+    result.metrics.update(measured)
+    description = source.describe()
+    tracker.log_text(description, SOURCE_REPORT)
+    result.source = description
+    log.info("source: %s loaded from %s (%s) in %.2f s%s", source.kind, source.artifact.location,
+             "layers kept" if source.layers_kept else "one opaque block", source.load_seconds,
+             f", max abs diff {source.parity_max_abs_diff:.3g} against {source.parity_against}"
+             if source.parity_against else "")
 
 
 def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
@@ -325,7 +384,12 @@ def _deliver_missing(cfg: HarnessConfig, tracker: tracking.Tracker,
             if stem not in logged:
                 split = bundle.finetune if stem == "finetuned" else bundle.pretrain
                 probe = _probe_batch(split, cfg.save_format.verify_batch_size)
-                tracker.log_model(serialization.load_model(path), stem, probe[:5], Path(path))
+                digest = state.values.get("digests", {}).get(stem)
+                tracker.log_model(
+                    serialization.load_model(path), stem, probe[:5], Path(path),
+                    tags={sources_lib.SHA256_TAG: digest} if digest else None,
+                    extra_artifacts={"sha256": integrity.record_path(Path(path))}
+                    if digest else None)
     if missing:
         log.info("resumed run: delivered %d metric points the interrupted process had not",
                  len(missing))
@@ -367,7 +431,10 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
         log.info("resume=true: no interrupted run with this config in %s; starting a new run",
                  cfg.checkpoint_root)
     bundle = data_lib.load_data(cfg.data)
-    _check_classes(cfg, bundle)
+    from_scratch = cfg.source.name == "scratch"
+    if from_scratch:
+        _check_classes(cfg, bundle)
+    probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
     _check_writable("output_dir", cfg.output_dir)
     _check_writable("checkpoint_root", cfg.checkpoint_root)
     models_dir = Path(cfg.output_dir) / "models"
@@ -389,9 +456,20 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
             # Each global batch is split across the replicas; Keras evaluates only even splits.
             raise ConfigError(key, size, f"a multiple of the {replicas} replicas of "
                                          f"trainer.strategy={cfg.trainer.strategy}")
-    with strategy.scope():
-        model = model_lib.build_model(cfg.model, bundle.input_shape,
-                                      bundle.pretrain.num_classes)
+    source = None
+    if from_scratch:
+        with strategy.scope():
+            model = model_lib.build_model(cfg.model, bundle.input_shape,
+                                          bundle.pretrain.num_classes)
+    else:
+        # Loaded, checked and verified before any run is opened: a bad source leaves no run.
+        # Outside the strategy's scope, like every reload (see above).
+        source = sources_lib.load_source(
+            cfg.source, tracking_uri=cfg.tracking.uri, workdir=Path(cfg.output_dir) / "source",
+            input_shape=bundle.input_shape, probe=probe, atol=cfg.save_format.verify_atol)
+        _check_source_fits(cfg, source)
+        _check_classes(cfg, bundle, source.num_classes)
+        model = source.model
     frozen_by_stage: List[set] = []
     if cfg.finetune.enabled:
         base_names = model_lib.layer_names(model)
@@ -404,7 +482,9 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
 
     tracker = tracking.make_tracker(cfg.tracking)
     run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
-    tags = tracking.run_tags(cfg.data.name, cfg.model.name, {
+    # With a source, the model group played no part: the tag says what the model came from.
+    model_tag = cfg.model.name if source is None else f"source:{source.kind}"
+    tags = tracking.run_tags(cfg.data.name, model_tag, {
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
         "replicas": str(strategy.num_replicas_in_sync), "tfharness.config_hash": cfg_hash,
         **extra_tags,
@@ -413,8 +493,14 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     if parent_run_id:
         # MLflow's UI nests a run under the run this tag names.
         tags["mlflow.parentRunId"] = parent_run_id
+    params = flatten(cfg)
+    lineage: Dict[str, str] = {}
+    if source is not None:
+        lineage = sources_lib.lineage_tags(source)
+        tags.update(lineage)
+        params["source"] = source.artifact.location
     same_store = resumed is not None and resumed.tracking_uri == cfg.tracking.uri
-    tracker.start(run_name, flatten(cfg), tags,
+    tracker.start(run_name, params, tags,
                   resume_run_id=resumed.run_id if same_store and tracker.run_id is None
                   and cfg.tracking.name != "off" else None)
     for abandoned in ckpt_lib.abandoned_runs(cfg.checkpoint_root):
@@ -451,7 +537,8 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
         with ckpt_lib.interrupt_on_signals():
             final_model, final_split = _run_phases(cfg, tracker, ckpt, bundle, model,
                                                    frozen_by_stage, resolved_yaml, overrides,
-                                                   result, strategy)
+                                                   result, strategy, source, probe,
+                                                   lineage)
             if not ckpt.done("test"):
                 test = _evaluate(final_model, final_split, cfg.trainer.batch_size)
                 test = {f"test/{k}": v for k, v in test.items()}
@@ -501,8 +588,9 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
 def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
                 bundle: data_lib.DataBundle, model, frozen_by_stage: List[set],
                 resolved_yaml: Optional[str], overrides: Sequence[str], result: RunResult,
-                strategy):
-    """Pretrain, save and verify, fine-tune, save and verify; skips what a resumed run did."""
+                strategy, source, probe: np.ndarray, lineage: Dict[str, str]):
+    """Pretrain (or record the source), save and verify, fine-tune, save and verify; skips
+    what a resumed run did."""
     if ckpt.state.resumes:
         _deliver_missing(cfg, tracker, ckpt, bundle)
     if not ckpt.done("texts"):
@@ -512,7 +600,50 @@ def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
         for file, text in texts.items():
             tracker.log_text(text, file)
 
-    probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
+    if source is not None:
+        if not ckpt.done("source"):
+            ckpt.complete("source")
+            _record_source(tracker, source, result)
+    else:
+        _pretrain(cfg, tracker, ckpt, model, bundle, result, strategy)
+
+    # With a source, this saves the loaded model in tfharness' format and reloads it, so
+    # fine-tuning starts from a verified model exactly as it does after pretraining.
+    reloaded = _round_trip(cfg, tracker, ckpt, model, "pretrained", 0, probe, result, lineage)
+    final_model, final_split = reloaded, bundle.pretrain
+    if cfg.finetune.enabled:
+        if ckpt.done("saved:finetuned"):
+            tuned, speed = None, {}
+            reports = [ft_lib.StageReport(**ckpt.state.values[f"finetune-stage:{i}"])
+                       for i in range(len(frozen_by_stage))]
+        else:
+            tuned, reports, speed = _finetune(cfg, tracker, ckpt, reloaded, bundle.finetune,
+                                              frozen_by_stage, strategy)
+        result.metrics.update(speed)
+        result.report = [row for report in reports for row in report.rows]
+        result.metrics["finetune/frozen_weight_change_max"] = max(
+            r.frozen_weight_change_max for r in reports)
+        ft_probe = _probe_batch(bundle.finetune, cfg.save_format.verify_batch_size)
+        final_model = _round_trip(cfg, tracker, ckpt, tuned, "finetuned", 1, ft_probe, result,
+                                  lineage)
+        final_split = bundle.finetune
+        if result.report and not ckpt.done("report"):
+            markdown = (tracking.markdown_table(result.report)
+                        + sources_lib.block_report(final_model))
+            report_file = Path(cfg.output_dir) / REPORT_MARKDOWN
+            serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
+            texts = {**ckpt.state.values.get("texts", {}), REPORT_MARKDOWN: markdown}
+            ckpt.complete("report", texts=texts, report_rows=result.report)
+            tracker.log_table(result.report, REPORT_TABLE)
+            tracker.log_text(markdown, REPORT_MARKDOWN)
+        if result.report:
+            result.artifacts["report"] = Path(cfg.output_dir) / REPORT_MARKDOWN
+    return final_model, final_split
+
+
+def _pretrain(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
+              model, bundle: data_lib.DataBundle, result: RunResult, strategy) -> None:
+    """Pretrains from the last completed epoch (all of them in a new run), then evaluates."""
     with strategy.scope():
         model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
     if not ckpt.done("saved:pretrained"):
@@ -536,32 +667,3 @@ def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
             log.info("pretrain: %d epochs on %d samples, test accuracy %.4f",
                      cfg.trainer.epochs, len(bundle.pretrain.train[0]),
                      pretrain_test.get("accuracy", float("nan")))
-
-    reloaded = _round_trip(cfg, tracker, ckpt, model, "pretrained", 0, probe, result)
-    final_model, final_split = reloaded, bundle.pretrain
-    if cfg.finetune.enabled:
-        if ckpt.done("saved:finetuned"):
-            tuned, speed = None, {}
-            reports = [ft_lib.StageReport(**ckpt.state.values[f"finetune-stage:{i}"])
-                       for i in range(len(frozen_by_stage))]
-        else:
-            tuned, reports, speed = _finetune(cfg, tracker, ckpt, reloaded, bundle.finetune,
-                                              frozen_by_stage, strategy)
-        result.metrics.update(speed)
-        result.report = [row for report in reports for row in report.rows]
-        result.metrics["finetune/frozen_weight_change_max"] = max(
-            r.frozen_weight_change_max for r in reports)
-        ft_probe = _probe_batch(bundle.finetune, cfg.save_format.verify_batch_size)
-        final_model = _round_trip(cfg, tracker, ckpt, tuned, "finetuned", 1, ft_probe, result)
-        final_split = bundle.finetune
-        if result.report and not ckpt.done("report"):
-            markdown = tracking.markdown_table(result.report)
-            report_file = Path(cfg.output_dir) / REPORT_MARKDOWN
-            serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
-            texts = {**ckpt.state.values.get("texts", {}), REPORT_MARKDOWN: markdown}
-            ckpt.complete("report", texts=texts, report_rows=result.report)
-            tracker.log_table(result.report, REPORT_TABLE)
-            tracker.log_text(markdown, REPORT_MARKDOWN)
-        if result.report:
-            result.artifacts["report"] = Path(cfg.output_dir) / REPORT_MARKDOWN
-    return final_model, final_split

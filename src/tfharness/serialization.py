@@ -168,6 +168,11 @@ def sweep_partial_writes(directory: str | os.PathLike) -> None:
         _remove(path)
 
 
+def _saved_variable_name(weight) -> str:
+    name = getattr(getattr(weight, "value", None), "name", None)
+    return name.split(":")[0] if isinstance(name, str) else weight.path
+
+
 def write_savedmodel(model, path: str | os.PathLike, signatures: Sequence[str] = ()) -> None:
     """Writes the tfharness SavedModel of ``model`` at ``path``, not atomically.
 
@@ -182,8 +187,9 @@ def write_savedmodel(model, path: str | os.PathLike, signatures: Sequence[str] =
     metadata = {
         "format": METADATA_FORMAT,
         "architecture": json.loads(model.to_json()),
-        # In model.weights order; SavedModel variables are named "<path>:0".
-        "weight_paths": [weight.path for weight in model.weights],
+        # In model.weights order, by the SavedModel's own variable names ("<path>:0" for Keras
+        # weights; a block loaded from another SavedModel keeps that SavedModel's names).
+        "weight_paths": [_saved_variable_name(weight) for weight in model.weights],
     }
     meta_file = f"{path}/{METADATA_PATH.as_posix()}"
     tf.io.gfile.makedirs(meta_file.rsplit("/", 1)[0])

@@ -38,7 +38,8 @@ def model_spec_json(specs: List[Dict]) -> str:
     return json.dumps([{"name": s["name"], "artifact": s["artifact"],
                         "signature": s["signature"].to_dict() if s["signature"] else None,
                         "example": s["example"].tolist(),
-                        "requirements": s["requirements"]} for s in specs])
+                        "requirements": s["requirements"], "tags": s.get("tags") or {},
+                        "extra_artifacts": s.get("extra_artifacts") or {}} for s in specs])
 
 
 def spool_tail(tracker, jobs: List[list], status: str, tags: Dict[str, str]) -> str:
@@ -61,6 +62,8 @@ def spool_tail(tracker, jobs: List[list], status: str, tags: Dict[str, str]) -> 
         for job in jobs:
             if job[0] == "model":
                 models.append(job[2])
+            elif job[0] == "tags":
+                tags = {**job[2], **tags}  # set on the server run by the sync
             elif job[0] == "call":
                 # A model registration needs the server's registry: it cannot wait in a spool.
                 skipped.append(job[1])

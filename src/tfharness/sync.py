@@ -69,7 +69,8 @@ def _replay_models(source, source_run: str, target_uri: str, target_run: str) ->
             mlflow.pyfunc.log_model(
                 name=spec["name"],
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"model": spec["artifact"]},
+                artifacts={"model": spec["artifact"], **spec.get("extra_artifacts", {})},
+                tags=spec.get("tags") or None,
                 signature=ModelSignature.from_dict(spec["signature"]) if spec["signature"]
                 else None,
                 input_example=np.asarray(spec["example"], dtype=np.float32),

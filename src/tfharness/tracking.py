@@ -119,7 +119,12 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
-    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> None:
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
+                  tags: Optional[Dict[str, str]] = None,
+                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+        pass
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
         pass
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
@@ -331,7 +336,9 @@ class MlflowTracker(Tracker):
             info = mlflow.pyfunc.log_model(
                 name=payload["name"],
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
-                artifacts={"model": str(payload["artifact"])},
+                artifacts={"model": str(payload["artifact"]),
+                           **payload.get("extra_artifacts", {})},
+                tags=payload.get("tags") or None,
                 signature=payload["signature"],
                 input_example=payload["example"],
                 pip_requirements=payload["requirements"],
@@ -339,6 +346,9 @@ class MlflowTracker(Tracker):
             self.model_uris[payload["name"]] = info.model_uri
             # Lets a sweep find the model of its best trial from the run alone.
             client.set_tag(run_id, f"{MODEL_URI_TAG}.{payload['name']}", info.model_uri)
+        elif kind == "tags":
+            for key, value in payload.items():
+                client.set_tag(run_id, key, value)
         elif kind == "call":
             payload()
 
@@ -369,8 +379,13 @@ class MlflowTracker(Tracker):
     def log_text(self, text: str, artifact_file: str) -> None:
         self._submit("text", f"text {artifact_file}", {"text": text, "file": artifact_file})
 
-    def log_model(self, model, name: str, example: np.ndarray, artifact: Path) -> None:
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
+                  tags: Optional[Dict[str, str]] = None,
+                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
         """Logs the saved ``artifact`` of ``model`` as an MLflow model, in the background.
+
+        ``tags`` go on the logged model (its sha256, where it came from); ``extra_artifacts``
+        travel beside the artifact (its sha256 record).
 
         ``mlflow.pyfunc.load_model`` predicts with it (see ``tfharness/mlflow_model.py``). The pip
         requirements are given explicitly: inferring them costs seconds per model (a subprocess
@@ -384,9 +399,14 @@ class MlflowTracker(Tracker):
         signature = infer_signature(example, np.asarray(model(example, training=False)))
         requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
         spec = {"name": name, "artifact": str(artifact), "signature": signature,
-                "example": example, "requirements": requirements}
+                "example": example, "requirements": requirements, "tags": dict(tags or {}),
+                "extra_artifacts": {k: str(v) for k, v in (extra_artifacts or {}).items()}}
         self.model_specs.append(spec)
         self._submit("model", f"model {name}", spec)
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        items = dict(tags)
+        self._submit("tags", f"tags {', '.join(items)}", items)
 
     def register_model(self, name: str, registered_name: str) -> None:
         """Registers the logged model ``name`` (queued before) as a new version of
