@@ -109,7 +109,8 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
             key]) <= TOLERANCE, key
     # The run kept its first output folder; no partial write anywhere; checkpoints cleaned up.
     models = Path(state_of_output(run)) / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["finetuned", "pretrained"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "finetuned", "finetuned.sha256.json", "pretrained", "pretrained.sha256.json"]
     assert not any((tmp_path / "checkpoints").iterdir())
     assert {m.name for m in client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")} == {
@@ -140,7 +141,8 @@ def test_sigkill_during_a_model_save_leaves_the_old_state_and_resumes(tmp_path, 
     result = tfharness.run(make_cfg([*RUN, "resume=true"]))
     assert result.run_id == dead.info.run_id
     assert client.get_run(result.run_id).info.status == "FINISHED"
-    assert sorted(p.name for p in models.iterdir()) == ["finetuned", "pretrained"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "finetuned", "finetuned.sha256.json", "pretrained", "pretrained.sha256.json"]
     probe = np.zeros((2, 12), np.float32)
     assert serialization.load_model(models / "pretrained")(probe).shape == (2, 4)
 
