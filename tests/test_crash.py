@@ -401,3 +401,4 @@ def test_an_unreachable_server_at_start_spools_the_whole_run_and_sync_replays_it
     assert mlflow.pyfunc.load_model(model.model_uri).predict(
         np.zeros((2, 12), np.float32)).shape == (2, 3)
     assert json.loads((tmp_path / "spool" / "synced.json").read_text()) == mapping
+    assert (tmp_path / "mlartifacts").is_dir() and not Path("mlruns").exists()

@@ -19,6 +19,7 @@ from typing import Dict, Optional
 
 from tfharness import spool
 from tfharness.errors import HarnessError, TrackingError
+from tfharness.tracking import sqlite_artifact_root
 
 METRIC_BATCH = 1000
 SYNCED_FILE = "synced.json"
@@ -106,8 +107,10 @@ def sync(spool_dir: str, target_uri: Optional[str] = None) -> Dict[str, str]:
                     target.get_run(target_run)
                 else:
                     found = target.get_experiment_by_name(experiment.name)
-                    experiment_id = (found.experiment_id if found
-                                     else target.create_experiment(experiment.name))
+                    # A SQLite target keeps artifacts beside its database, as tracking.py
+                    # does; MLflow's default would be ./mlruns of the current directory.
+                    experiment_id = (found.experiment_id if found else target.create_experiment(
+                        experiment.name, artifact_location=sqlite_artifact_root(uri)))
                     kept = {k: v for k, v in tags.items() if not k.startswith("tfharness.spool.")}
                     kept["tfharness.spooled_from"] = run.info.run_id
                     target_run = target.create_run(experiment_id, run_name=run.info.run_name,
