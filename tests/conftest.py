@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -51,3 +57,36 @@ def only_run(client, experiment: str = "tfharness"):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return runs[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """scripts/mlflow-server, as a team would start it, on a free loopback port."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "mlflow-server"), "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, "TFHARNESS_NO_SETUP": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                os.killpg(process.pid, 9)
+                pytest.fail(f"scripts/mlflow-server did not start: {process.stderr.read()}")
+            time.sleep(0.5)
+    yield url
+    os.killpg(process.pid, 9)  # a graceful stop takes seconds; the store is thrown away
+    process.wait(timeout=30)

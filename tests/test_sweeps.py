@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -21,7 +18,6 @@ import pytest
 
 from conftest import TINY_SYNTHETIC
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_SYNTHETIC, "print_report=false"]
 
 
@@ -123,48 +119,15 @@ def test_a_failing_trial_is_failed_in_mlflow_and_the_others_finish(tmp_path):
     assert len(list((tmp_path / "multirun").glob("*/*/*/models/finetuned"))) == 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def tracking_server(tmp_path):
-    """scripts/mlflow-server, as a team would start it, on a free loopback port."""
-    port = free_port()
-    process = subprocess.Popen(
-        ["bash", str(ROOT / "scripts" / "mlflow-server"), "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env={**os.environ, "TFHARNESS_NO_SETUP": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                os.killpg(process.pid, 9)
-                pytest.fail(f"scripts/mlflow-server did not start: {process.stderr.read()}")
-            time.sleep(0.5)
-    yield url
-    os.killpg(process.pid, 9)  # a graceful stop takes seconds; the store is thrown away
-    process.wait(timeout=30)
-
-
-def test_optuna_search_against_a_tracking_server_names_and_registers_the_best(
-        tmp_path, tracking_server):
+def test_optuna_search_against_a_mlflow_server_names_and_registers_the_best(
+        tmp_path, mlflow_server):
     # Four trials keep the suite quick; the 10-trial search of the issue is the same command.
     out = sweep("hparams_search=optuna", "hydra.sweeper.n_trials=4", "tracking=server",
                 "trainer.epochs=1", "finetune.epochs=1", "model.units=[4]",
                 "finetune.freeze=[]", "sweep.register_best=digits-champion",
-                cwd=tmp_path, uri=tracking_server)
+                cwd=tmp_path, uri=mlflow_server)
     assert out.returncode == 0, out.stderr[-3000:]
-    client = mlflow.MlflowClient(tracking_server)
+    client = mlflow.MlflowClient(mlflow_server)
     parent, children = parent_and_children(client)
     assert parent.data.tags["sweeper"] == "OptunaSweeper"
     assert parent.data.params["sweep.space.finetune.learning_rate"] == \
