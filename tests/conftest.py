@@ -65,6 +65,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    """Returns once the `mlflow server` at ``url`` answers /health; fails the test (and stops
+    the server's process group) when it exits or does not answer in time."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                if process.poll() is None:
+                    os.killpg(process.pid, 9)
+                pytest.fail(f"mlflow server at {url} did not start")
+            time.sleep(0.2)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """scripts/mlflow-server, as a team would start it, on a free loopback port."""
@@ -76,17 +93,7 @@ def mlflow_server(tmp_path):
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True, env={**os.environ, "TFHARNESS_NO_SETUP": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                os.killpg(process.pid, 9)
-                pytest.fail(f"scripts/mlflow-server did not start: {process.stderr.read()}")
-            time.sleep(0.5)
+    wait_for_server(url, process)
     yield url
     os.killpg(process.pid, 9)  # a graceful stop takes seconds; the store is thrown away
     process.wait(timeout=30)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -22,7 +21,7 @@ import tfharness
 from tfharness import checkpoint, serialization
 from tfharness.errors import ConfigError, NumericalError, SaveError
 
-from conftest import TINY_SYNTHETIC, only_run
+from conftest import TINY_SYNTHETIC, free_port, only_run, wait_for_server
 
 SRC = str(Path(tfharness.__file__).resolve().parents[1])
 RUN = [*TINY_SYNTHETIC, "model.units=[8]", "trainer.epochs=4", "finetune.epochs=3",
@@ -259,14 +258,6 @@ def test_resume_rejects_an_unknown_run_id_with_the_key_named(make_cfg):
 
 
 # ------------------------------------------------------------------------ tracking outages
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same port,
     same stores)."""
@@ -284,16 +275,7 @@ class Server:
              "--artifacts-destination", str(self.folder / "server-artifacts"),
              "--workers", "1"], cwd=self.folder, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                assert self.process.poll() is None and time.time() < deadline, \
-                    "mlflow server did not start"
-                time.sleep(0.2)
+        wait_for_server(self.url, self.process)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

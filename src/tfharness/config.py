@@ -198,7 +198,8 @@ class SweepConfig:
     # The metric a sweep compares trials on, as the run records it; the task function returns it.
     objective: str = "finetune/val_accuracy"
     direction: str = "maximize"
-    # Fraction of an Optuna search's trials allowed to fail before the search stops.
+    # Fraction of trials allowed to fail: above it the parent run ends FAILED, and Optuna's
+    # sweeper stops the search (it checks per batch of hydra.sweeper.n_jobs trials).
     max_failure_rate: float = 1.0
     # Register the best trial's model under this name, with the alias "champion".
     register_best: Optional[str] = None
