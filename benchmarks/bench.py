@@ -8,7 +8,7 @@ matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job
 process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
-Usage: scripts/bench [--repeats N] [--quick] [--only save-formats]
+Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|default|large]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,20 +56,62 @@ TINY = ["data=synthetic", "data.shape=[16]", "data.num_samples=60", "data.finetu
         "model.units=[8]", "trainer.epochs=1", "finetune.epochs=1", "print_report=false"]
 
 
+def _descendant_peaks(root: int, peaks: dict) -> None:
+    """Records in ``peaks`` the peak RSS (VmHWM, KiB) of each process under ``root`` now."""
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    family, frontier = set(), [root]
+    while frontier:
+        pid = frontier.pop()
+        family.add(pid)
+        frontier += [child for child, parent in parents.items() if parent == pid]
+    for pid in family - {root}:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[pid] = max(peaks.get(pid, 0), int(line.split()[1]))
+        except OSError:
+            continue
+
+
 def timed(command, cwd) -> dict:
-    """Runs ``command``; returns wall seconds and the process's own peak RSS in MiB."""
+    """Runs ``command``; returns wall seconds, its own peak RSS and the sum of the peak RSS of
+    it and every process it started (tfharness' tracking process), in MiB.
+
+    The sum of peaks counts each helper process at its own peak even if those peaks came at
+    different moments: an upper bound on the memory the run needed at once.
+    """
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
+    peaks: dict = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            _descendant_peaks(process.pid, peaks)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     # Read stderr while waiting so a chatty child never blocks on a full pipe.
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{command[:3]} failed ({process.returncode}):\n"
                            f"{stderr.decode()[-3000:]}")
-    return {"wall": wall, "rss_mib": usage.ru_maxrss / 1024}
+    own = usage.ru_maxrss / 1024
+    return {"wall": wall, "rss_mib": own, "helpers_rss_mib": sum(peaks.values()) / 1024,
+            "total_rss_mib": own + sum(peaks.values()) / 1024}
 
 
 def prepare_store(uri: str, experiment: str) -> None:
@@ -118,7 +161,8 @@ def compare(name: str, work: dict, repeats: int, root: Path) -> dict:
                     "pretrain/samples_per_second"]
             samples[way].append(measured)
             print(f"  {name} #{repeat + 1} {way}: {measured['wall']:.2f} s, "
-                  f"{measured['samples_per_s']:.0f} samples/s, {measured['rss_mib']:.0f} MiB",
+                  f"{measured['samples_per_s']:.0f} samples/s, {measured['rss_mib']:.0f} MiB "
+                  f"(+{measured['helpers_rss_mib']:.0f} MiB in helper processes)",
                   flush=True)
     return {way: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
             for way, runs in samples.items()}
@@ -253,13 +297,14 @@ def logging_cost(folder: Path) -> dict:
     import mlflow
 
     from tfharness.config import TrackingConfig
-    from tfharness.tracking import MlflowTracker
+    from tfharness.tracking import make_tracker
 
     uri = f"sqlite:///{folder / 'logging.db'}"
     epoch = {"pretrain/loss": 0.5, "pretrain/accuracy": 0.9, "pretrain/val_loss": 0.6,
              "pretrain/val_accuracy": 0.8}
     calls = 200
-    tracker = MlflowTracker(TrackingConfig(uri=uri, experiment="logging-cost"))
+    # The default tracker: calls go to the tracking process, which logs in the background.
+    tracker = make_tracker(TrackingConfig(uri=uri, experiment="logging-cost"))
     tracker.start("background", {"p": "1"}, {})
     start = time.perf_counter()
     for step in range(calls):
@@ -342,8 +387,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
-    parser.add_argument("--only", choices=["save-formats"],
-                        help="run only this section and replace it in --output")
+    parser.add_argument("--only", choices=["save-formats", *WORKLOADS],
+                        help="save-formats: run only that section and replace it in --output; "
+                             "a workload: compare on it only and print the medians")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
@@ -355,6 +401,16 @@ def main() -> None:
         output.write_text(replace_save_formats(
             output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
         print("\n".join(lines))
+        return
+    if args.only in WORKLOADS:
+        ways = compare(args.only, WORKLOADS[args.only], repeats, root)
+        for way, m in ways.items():
+            print(f"{way}: {m['wall']:.2f} s, {m['samples_per_s']:.0f} samples/s, "
+                  f"{m['rss_mib']:.0f} + {m['helpers_rss_mib']:.0f} MiB")
+        print(f"ratio harness/plain={ways['harness']['wall'] / ways['plain']['wall']:.3f} "
+              f"harness/autolog={ways['harness']['wall'] / ways['autolog']['wall']:.3f} "
+              f"rss={ways['harness']['total_rss_mib'] / ways['plain']['total_rss_mib']:.3f} "
+              f"extra={ways['harness']['wall'] - ways['plain']['wall']:+.2f} s")
         return
     results = {}
     for name, work in WORKLOADS.items():
@@ -371,7 +427,7 @@ def main() -> None:
     big, small = results["large"], results["default"]
     ratio_plain = big["harness"]["wall"] / big["plain"]["wall"]
     ratio_autolog = big["harness"]["wall"] / big["autolog"]["wall"]
-    rss_ratio = big["harness"]["rss_mib"] / big["plain"]["rss_mib"]
+    rss_ratio = big["harness"]["total_rss_mib"] / big["plain"]["total_rss_mib"]
     default_extra = small["harness"]["wall"] - small["plain"]["wall"]
     gflops = big["harness"]["samples_per_s"] * pipeline["flops_per_sample"] / 1e9
 
@@ -379,18 +435,22 @@ def main() -> None:
              f"Machine: {machine()}.", "",
              f"Median of {repeats} runs each, alternated plain, autolog, harness. Wall time is "
              f"the whole process, start to exit (imports included); throughput is pretraining "
-             f"samples/s measured around `fit`; peak RSS from `wait4`.", ""]
-    lines += ["| workload | way | wall s | samples/s | peak RSS MiB |", "|---|---|---|---|---|"]
+             f"samples/s measured around `fit`; peak RSS of the process from `wait4`, plus the peak of "
+             f"each process it started (tfharness' tracking process; sampled every 0.2 s), and "
+             f"their sum, which the memory target is checked on.", ""]
+    lines += ["| workload | way | wall s | samples/s | peak RSS MiB | helper processes MiB "
+              "| sum MiB |", "|---|---|---|---|---|---|---|"]
     for name, ways in results.items():
         for way, m in ways.items():
             lines.append(f"| {name} | {way} | {m['wall']:.2f} | {m['samples_per_s']:.0f} | "
-                         f"{m['rss_mib']:.0f} |")
+                         f"{m['rss_mib']:.0f} | {m['helpers_rss_mib']:.0f} | "
+                         f"{m['total_rss_mib']:.0f} |")
     lines += ["", "| target | measured | |", "|---|---|---|",
               f"| large: harness/plain wall <= 1.10 | {ratio_plain:.3f} | "
               f"{verdict(ratio_plain <= 1.10)} |",
               f"| large: harness/autolog wall < 1.0 | {ratio_autolog:.3f} | "
               f"{verdict(ratio_autolog < 1.0)} |",
-              f"| large: harness/plain peak RSS <= 1.15 | {rss_ratio:.3f} | "
+              f"| large: harness/plain peak RSS (sum of processes) <= 1.15 | {rss_ratio:.3f} | "
               f"{verdict(rss_ratio <= 1.15)} |",
               f"| default: harness - plain wall <= 2 s | {default_extra:+.2f} s | "
               f"{verdict(default_extra <= 2.0)} |",

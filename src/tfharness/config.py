@@ -188,6 +188,9 @@ class TrackingConfig:
     # How long the end of a run waits for a store that went down mid-run before it spools what
     # could not be delivered.
     drain_timeout_s: float = 30.0
+    # Log from a separate tracking process (true), so MLflow never loads in the training
+    # process, or from a background thread of the training process (false).
+    process: bool = True
     # Register the run's final (fine-tuned) model under this name in the model registry.
     register: Optional[str] = None
 

@@ -430,79 +430,85 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     elif cfg.resume is True:
         log.info("resume=true: no interrupted run with this config in %s; starting a new run",
                  cfg.checkpoint_root)
-    bundle = data_lib.load_data(cfg.data)
-    from_scratch = cfg.source.name == "scratch"
-    if from_scratch:
-        _check_classes(cfg, bundle)
-    probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
-    _check_writable("output_dir", cfg.output_dir)
-    _check_writable("checkpoint_root", cfg.checkpoint_root)
-    models_dir = Path(cfg.output_dir) / "models"
-    # Versioned exports live one level down (models/<stem>/<version>).
-    for folder in [models_dir, *(models_dir.iterdir() if models_dir.is_dir() else []),
-                   Path(cfg.output_dir) / "reports"]:
-        if folder.is_dir() and not folder.name.startswith("."):
-            serialization.sweep_partial_writes(folder)
-
-    # TensorFlow is imported from here on.
-    _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    # Models built in the strategy's scope train under it (a no-op scope by default); saving
-    # and reloading happen outside it (a SavedModel does not load in a replica context).
-    strategy = distribute.make_strategy(cfg.trainer)
-    replicas = strategy.num_replicas_in_sync
-    for key, size in (("trainer.batch_size", cfg.trainer.batch_size),
-                      ("finetune.batch_size", cfg.finetune.batch_size)):
-        if size is not None and size % replicas:
-            # Each global batch is split across the replicas; Keras evaluates only even splits.
-            raise ConfigError(key, size, f"a multiple of the {replicas} replicas of "
-                                         f"trainer.strategy={cfg.trainer.strategy}")
-    source = None
-    if from_scratch:
-        with strategy.scope():
-            model = model_lib.build_model(cfg.model, bundle.input_shape,
-                                          bundle.pretrain.num_classes)
-    else:
-        # Loaded, checked and verified before any run is opened: a bad source leaves no run.
-        # Outside the strategy's scope, like every reload (see above).
-        source = sources_lib.load_source(
-            cfg.source, tracking_uri=cfg.tracking.uri, workdir=Path(cfg.output_dir) / "source",
-            input_shape=bundle.input_shape, probe=probe, atol=cfg.save_format.verify_atol)
-        _check_source_fits(cfg, source)
-        _check_classes(cfg, bundle, source.num_classes)
-        model = source.model
-    frozen_by_stage: List[set] = []
-    if cfg.finetune.enabled:
-        base_names = model_lib.layer_names(model)
-        head = cfg.finetune.new_head()
-        planned = ft_lib.planned_layers(base_names, head)
-        base_count = len(base_names) - (head.pop if head else 0)
-        for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
-            frozen_by_stage.append(ft_lib.resolve_selectors(
-                stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
-
+    # The tracker first: by default its process opens the store (imports MLflow, checks the
+    # schema) on the other core while this one loads the data and TensorFlow.
     tracker = tracking.make_tracker(cfg.tracking)
-    run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
-    # With a source, the model group played no part: the tag says what the model came from.
-    model_tag = cfg.model.name if source is None else f"source:{source.kind}"
-    tags = tracking.run_tags(cfg.data.name, model_tag, {
-        "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
-        "replicas": str(strategy.num_replicas_in_sync), "tfharness.config_hash": cfg_hash,
-        **extra_tags,
-        **({"model_logging": "skipped: save_format.in_memory=true writes no model file"}
-           if cfg.save_format.in_memory and cfg.tracking.log_models else {})})
-    if parent_run_id:
-        # MLflow's UI nests a run under the run this tag names.
-        tags["mlflow.parentRunId"] = parent_run_id
-    params = flatten(cfg)
-    lineage: Dict[str, str] = {}
-    if source is not None:
-        lineage = sources_lib.lineage_tags(source)
-        tags.update(lineage)
-        params["source"] = source.artifact.location
-    same_store = resumed is not None and resumed.tracking_uri == cfg.tracking.uri
-    tracker.start(run_name, params, tags,
-                  resume_run_id=resumed.run_id if same_store and tracker.run_id is None
-                  and cfg.tracking.name != "off" else None)
+    try:
+        bundle = data_lib.load_data(cfg.data)
+        from_scratch = cfg.source.name == "scratch"
+        if from_scratch:
+            _check_classes(cfg, bundle)
+        probe = _probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
+        _check_writable("output_dir", cfg.output_dir)
+        _check_writable("checkpoint_root", cfg.checkpoint_root)
+        models_dir = Path(cfg.output_dir) / "models"
+        # Versioned exports live one level down (models/<stem>/<version>).
+        for folder in [models_dir, *(models_dir.iterdir() if models_dir.is_dir() else []),
+                       Path(cfg.output_dir) / "reports"]:
+            if folder.is_dir() and not folder.name.startswith("."):
+                serialization.sweep_partial_writes(folder)
+
+        # TensorFlow is imported from here on.
+        _seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+        # Models built in the strategy's scope train under it (a no-op scope by default); saving
+        # and reloading happen outside it (a SavedModel does not load in a replica context).
+        strategy = distribute.make_strategy(cfg.trainer)
+        replicas = strategy.num_replicas_in_sync
+        for key, size in (("trainer.batch_size", cfg.trainer.batch_size),
+                          ("finetune.batch_size", cfg.finetune.batch_size)):
+            if size is not None and size % replicas:
+                # Each global batch is split across the replicas; Keras evaluates only even splits.
+                raise ConfigError(key, size, f"a multiple of the {replicas} replicas of "
+                                             f"trainer.strategy={cfg.trainer.strategy}")
+        source = None
+        if from_scratch:
+            with strategy.scope():
+                model = model_lib.build_model(cfg.model, bundle.input_shape,
+                                              bundle.pretrain.num_classes)
+        else:
+            # Loaded, checked and verified before any run is opened: a bad source leaves no run.
+            # Outside the strategy's scope, like every reload (see above).
+            source = sources_lib.load_source(
+                cfg.source, tracking_uri=cfg.tracking.uri, workdir=Path(cfg.output_dir) / "source",
+                input_shape=bundle.input_shape, probe=probe, atol=cfg.save_format.verify_atol)
+            _check_source_fits(cfg, source)
+            _check_classes(cfg, bundle, source.num_classes)
+            model = source.model
+        frozen_by_stage: List[set] = []
+        if cfg.finetune.enabled:
+            base_names = model_lib.layer_names(model)
+            head = cfg.finetune.new_head()
+            planned = ft_lib.planned_layers(base_names, head)
+            base_count = len(base_names) - (head.pop if head else 0)
+            for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
+                frozen_by_stage.append(ft_lib.resolve_selectors(
+                    stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
+
+        run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
+        # With a source, the model group played no part: the tag says what the model came from.
+        model_tag = cfg.model.name if source is None else f"source:{source.kind}"
+        tags = tracking.run_tags(cfg.data.name, model_tag, {
+            "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
+            "replicas": str(strategy.num_replicas_in_sync), "tfharness.config_hash": cfg_hash,
+            **extra_tags,
+            **({"model_logging": "skipped: save_format.in_memory=true writes no model file"}
+               if cfg.save_format.in_memory and cfg.tracking.log_models else {})})
+        if parent_run_id:
+            # MLflow's UI nests a run under the run this tag names.
+            tags["mlflow.parentRunId"] = parent_run_id
+        params = flatten(cfg)
+        lineage: Dict[str, str] = {}
+        if source is not None:
+            lineage = sources_lib.lineage_tags(source)
+            tags.update(lineage)
+            params["source"] = source.artifact.location
+        same_store = resumed is not None and resumed.tracking_uri == cfg.tracking.uri
+        tracker.start(run_name, params, tags,
+                      resume_run_id=resumed.run_id if same_store and tracker.run_id is None
+                      and cfg.tracking.name != "off" else None)
+    except BaseException as error:
+        tracker.finish(error)  # no run was opened: this only lets go of the tracker
+        raise
     for abandoned in ckpt_lib.abandoned_runs(cfg.checkpoint_root):
         if resumed is not None and abandoned.run_id == resumed.run_id:
             continue

@@ -114,7 +114,15 @@ class Tracker:
         """A Keras callback logging ``<prefix>/<metric>`` at step ``step_offset + epoch``."""
         import keras
 
-        return keras.callbacks.Callback()
+        tracker = self
+
+        class EpochLogger(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                metrics = {f"{prefix}/{k}": float(v) for k, v in (logs or {}).items()
+                           if np.isscalar(v) or np.ndim(v) == 0}
+                tracker.log_metrics(metrics, step=step_offset + epoch)
+
+        return EpochLogger()
 
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
@@ -158,6 +166,8 @@ class MlflowTracker(Tracker):
         self.spooled_run = False  # the whole run went to the spool store
         self._client = None
         self._experiment_id: Optional[str] = None
+        self._connected = False
+        self._connect_error: Optional[Exception] = None
         self._queue: "queue.Queue" = queue.Queue()
         self._worker: Optional[threading.Thread] = None
         self._errors: List[str] = []
@@ -176,12 +186,14 @@ class MlflowTracker(Tracker):
         return client.create_experiment(self.cfg.experiment,
                                         artifact_location=sqlite_artifact_root(uri))
 
-    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
-              resume_run_id: Optional[str] = None) -> None:
-        """Opens a new run, or reopens ``resume_run_id`` (its params are already logged)."""
+    def connect(self) -> None:
+        """Imports MLflow and opens the store and the experiment: the slow part of :meth:`start`
+        (seconds: imports, the database schema check), done ahead of it by the tracking process
+        while the training process imports TensorFlow. An error is kept for :meth:`start`."""
+        if self._connected:
+            return
+        self._connected = True
         import mlflow
-        from mlflow.entities import Param
-        from mlflow.tracking.context.registry import resolve_tags
 
         if self.uri.startswith(("http://", "https://")):
             # tfharness retries in the background; MLflow's own retries (minutes, with backoff)
@@ -192,6 +204,21 @@ class MlflowTracker(Tracker):
         try:
             self._experiment_id = self._open_experiment(self._client, self.uri)
         except Exception as exc:
+            self._connect_error = exc
+        # What model logging imports, loaded now rather than while the first model waits.
+        import mlflow.models  # noqa: F401
+        import mlflow.pyfunc  # noqa: F401
+
+    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
+              resume_run_id: Optional[str] = None) -> None:
+        """Opens a new run, or reopens ``resume_run_id`` (its params are already logged)."""
+        import mlflow
+        from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
+
+        self.connect()
+        if self._connect_error is not None:
+            exc, self._connect_error = self._connect_error, None
             if self.cfg.on_unavailable != "spool" or resume_run_id is not None:
                 # Before any training: a store that cannot be reached is a setup error.
                 raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri="
@@ -363,19 +390,6 @@ class MlflowTracker(Tracker):
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._submit("metrics", f"metrics at step {step}", batch)
 
-    def epoch_logger(self, prefix: str, step_offset: int = 0):
-        import keras
-
-        tracker = self
-
-        class EpochLogger(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                metrics = {f"{prefix}/{k}": v for k, v in (logs or {}).items()
-                           if np.isscalar(v) or np.ndim(v) == 0}
-                tracker.log_metrics(metrics, step=step_offset + epoch)
-
-        return EpochLogger()
-
     def log_text(self, text: str, artifact_file: str) -> None:
         self._submit("text", f"text {artifact_file}", {"text": text, "file": artifact_file})
 
@@ -391,13 +405,19 @@ class MlflowTracker(Tracker):
         requirements are given explicitly: inferring them costs seconds per model (a subprocess
         that imports the model). The URI lands in :attr:`model_uris` once :meth:`finish` ran.
         """
-        import keras
-        import tensorflow as tf
+        output, requirements = model_output_and_requirements(model, example)
+        self.log_model_output(name, example, output, artifact, requirements, tags,
+                              extra_artifacts)
+
+    def log_model_output(self, name: str, example: np.ndarray, output: np.ndarray,
+                         artifact, requirements: List[str],
+                         tags: Optional[Dict[str, str]] = None,
+                         extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+        """:meth:`log_model` once the model's ``output`` on ``example`` is known (what the
+        tracking process receives: it never loads TensorFlow)."""
         from mlflow.models import infer_signature
 
-        # The prediction runs here, in the training thread, while the model is known to be idle.
-        signature = infer_signature(example, np.asarray(model(example, training=False)))
-        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+        signature = infer_signature(example, output)
         spec = {"name": name, "artifact": str(artifact), "signature": signature,
                 "example": example, "requirements": requirements, "tags": dict(tags or {}),
                 "extra_artifacts": {k: str(v) for k, v in (extra_artifacts or {}).items()}}
@@ -456,14 +476,16 @@ class MlflowTracker(Tracker):
         """
         if self.run_id is None:
             return
+        self.finish_as(*ending_of(error))
+
+    def finish_as(self, status: str, message: Optional[str]) -> None:
+        """:meth:`finish` with the ending already worked out (see :func:`ending_of`)."""
+        if self.run_id is None:
+            return
+        error = message is not None
         if self._worker is not None:
             self._drain()
-        status = "FINISHED"
-        message = None
-        if error is not None:
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            message = f"{type(error).__name__}: {error}"
-        elif self._errors:
+        if status == "FINISHED" and self._errors:
             status = "FAILED"
             message = "Could not log " + "; ".join(self._errors)
         tags = {"error": message[:5000]} if message else {}
@@ -496,8 +518,27 @@ class MlflowTracker(Tracker):
                 from tfharness import spool
 
                 spool.spool_tail(self, [], status, tags)
-        if error is None and self._errors:
+        if not error and self._errors:
             raise TrackingError(f"MLflow run {self.run_id} is incomplete: {message[:2000]}")
+
+
+def ending_of(error: Optional[BaseException]) -> tuple:
+    """The run status and ``error`` tag that ``error`` (None: success) ends a run with."""
+    if error is None:
+        return "FINISHED", None
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    return status, f"{type(error).__name__}: {error}"
+
+
+def model_output_and_requirements(model, example: np.ndarray) -> tuple:
+    """What logging ``model`` needs from TensorFlow: its output on ``example`` (for the
+    signature) and the pip requirements to serve it, given explicitly (no inference)."""
+    import keras
+    import tensorflow as tf
+
+    # The prediction runs in the training thread, while the model is known to be idle.
+    output = np.asarray(model(example, training=False))
+    return output, [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
 
 
 def is_unreachable(error: BaseException) -> bool:
@@ -516,7 +557,15 @@ def is_unreachable(error: BaseException) -> bool:
 
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:
-    return Tracker() if cfg.name == "off" else MlflowTracker(cfg)
+    """The run's tracker: none with ``tracking=off``; by default one in the tracking process
+    (:mod:`tfharness.tracking_process`), else in a thread of this process."""
+    if cfg.name == "off":
+        return Tracker()
+    if cfg.process:
+        from tfharness.tracking_process import ProcessTracker
+
+        return ProcessTracker(cfg)
+    return MlflowTracker(cfg)
 
 
 def run_tags(data: str, model: str, extra: Dict[str, str]) -> Dict[str, str]:
