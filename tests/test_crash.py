@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 TOLERANCE = 1e-6
 
 
-def harness(tmp: Path, *overrides: str, pause: str = "", env=None) -> subprocess.Popen:
+def harness(tmp: Path, *overrides: str, pause: str = "", env=None,
+            own_group: bool = False) -> subprocess.Popen:
     """`python -m tfharness` in ``tmp`` (Hydra writes its folders there), tracking into tmp."""
     environment = {**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     if pause:
@@ -41,7 +43,36 @@ def harness(tmp: Path, *overrides: str, pause: str = "", env=None) -> subprocess
         [sys.executable, "-m", "tfharness", *RUN, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
          f"checkpoint_root={tmp / 'checkpoints'}", "print_report=false", "resume=true",
          *overrides], cwd=tmp, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, start_new_session=own_group)
+
+
+def tracking_processes_of(pid: int) -> list:
+    """The pids of the tfharness tracking processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if parent == pid and "tfharness.tracking_process" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, waiting for its (dead) parent's reaper
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 90) -> None:
@@ -118,6 +149,59 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
 
 def state_of_output(run) -> str:
     return run.data.params["output_dir"]
+
+
+def test_sigkill_takes_the_tracking_process_with_it_and_leaves_the_run_running(tmp_path):
+    marker = tmp_path / "paused"
+    process = harness(tmp_path, pause=f"pretrain-e0002:{marker}")
+    wait_for(marker, process)
+    (tracker,) = tracking_processes_of(process.pid)
+    process.kill()
+    process.wait(timeout=30)
+    assert gone(tracker), "the tracking process outlived the killed training process"
+    run = only_run(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert run.info.status == "RUNNING"  # as a killed process leaves it; the next run marks it
+
+
+def test_ctrl_c_to_the_process_group_ends_the_run_killed_through_the_tracking_process(tmp_path):
+    marker = tmp_path / "paused"
+    process = harness(tmp_path, pause=f"pretrain-e0002:{marker}", own_group=True)
+    wait_for(marker, process)
+    (tracker,) = tracking_processes_of(process.pid)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    run = only_run(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert run.info.status == "KILLED"
+    assert "SIGINT" in run.data.tags["error"]
+    assert gone(tracker)
+
+
+def test_a_dead_tracking_process_fails_the_run_clearly(tmp_path, make_cfg, monkeypatch, client):
+    from tfharness import tracking_process
+    from tfharness.errors import TrackingError
+
+    marker = tmp_path / "paused"
+    monkeypatch.setenv(serialization.SAVE_PAUSE_HOOK, f"pretrain-e0002:{marker}:2")
+
+    def kill_tracking_process_at_the_pause() -> None:
+        deadline = time.time() + 90
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        tracking_process.shared_process().process.kill()
+
+    killer = threading.Thread(target=kill_tracking_process_at_the_pause)
+    killer.start()
+    with pytest.raises(TrackingError, match="tracking process is gone"):
+        tfharness.run(make_cfg(RUN))
+    killer.join()
+    run = only_run(client)
+    assert run.info.status == "FAILED"  # never left RUNNING, never FINISHED with holes
+    assert "tracking process is gone" in run.data.tags["error"]
+    # The next run starts a new tracking process.
+    monkeypatch.delenv(serialization.SAVE_PAUSE_HOOK)
+    result = tfharness.run(make_cfg([*RUN, "trainer.epochs=1", "finetune=none"], out="again"))
+    assert client.get_run(result.run_id).info.status == "FINISHED"
 
 
 def test_sigkill_during_a_model_save_leaves_the_old_state_and_resumes(tmp_path, make_cfg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -12,6 +13,27 @@ import tfharness
 from tfharness import tracking
 
 from conftest import TINY_SYNTHETIC, free_port
+
+
+def test_mlflow_never_loads_in_the_training_process(tmp_path):
+    overrides = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune.epochs=2",
+                 f"output_dir={tmp_path / 'out'}",
+                 f"checkpoint_root={tmp_path / 'ckpt'}", "tracking.register=tiny",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    script = (f"import sys, tfharness\n"
+              f"result = tfharness.run(tfharness.compose({overrides!r}))\n"
+              f"print(result.run_id, sorted(result.model_uris), result.registered_versions, "
+              f"'mlflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id, *rest = done.stdout.split("\n")[-2].split(" ", 1)
+    assert rest == ["['finetuned', 'pretrained'] {'tiny': '1'} False"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tfharness.registered_model"] == "tiny/1"
+    assert [m.step for m in client.get_metric_history(run_id, "finetune/loss")] == [0, 1]
 
 
 def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):

@@ -171,6 +171,7 @@ class ProcessTracker(Tracker):
         self.uri = cfg.uri
         self.spooled_run = False
         self._key = uuid.uuid4().hex
+        self._warned = False
         self._process = shared_process()
         # The child opens the store now, while this process goes on to load data and
         # TensorFlow; a store that cannot be used is reported by start().
@@ -207,7 +208,9 @@ class ProcessTracker(Tracker):
             self._process.send(self._key, method, *args, **kwargs)
         except TrackingError as error:
             # Like a failed call of the logging thread: training goes on; finish() says it.
-            log.warning("%s", error)
+            if not self._warned:
+                self._warned = True
+                log.warning("%s; training goes on, and the run will end FAILED", error)
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         self._record("log_metrics", {k: float(v) for k, v in metrics.items()}, step=step)
