@@ -63,7 +63,8 @@ class TrackingProcess:
             [sys.executable, "-m", "tfharness.tracking_process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()])
         theirs.close()
-        self._conn = Connection(ours.detach())
+        self._socket = ours
+        self._conn = Connection(os.dup(ours.fileno()))
         self._send_lock = threading.Lock()
         self._seq = itertools.count()
         # seq -> [answered, ok, value] of the calls waiting for an answer.
@@ -128,12 +129,21 @@ class TrackingProcess:
     def close(self) -> None:
         """Closes the pipe (the child exits when it sees that) and waits for the child."""
         try:
-            self._conn.close()
+            # A shutdown, not only a close: the reader thread is blocked reading this socket,
+            # which keeps it open, so the child would not see the end of the pipe.
+            self._socket.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        for closeable in (self._conn, self._socket):
+            try:
+                closeable.close()
+            except OSError:
+                pass
         try:
             self.process.wait(EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
+            sys.stderr.write(f"tfharness: the tracking process did not exit {EXIT_WAIT_S:.0f} s "
+                             f"after its pipe closed; killed\n")
             self.process.kill()
             self.process.wait()
 
