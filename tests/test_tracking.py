@@ -15,8 +15,10 @@ from tfharness import tracking
 from conftest import TINY_SYNTHETIC, free_port
 
 
-def test_mlflow_never_loads_in_the_training_process(tmp_path):
+@pytest.mark.parametrize("process", [True, False])
+def test_mlflow_never_loads_in_the_training_process_unless_asked(tmp_path, process):
     overrides = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune.epochs=2",
+                 f"tracking.process={str(process).lower()}",
                  f"output_dir={tmp_path / 'out'}",
                  f"checkpoint_root={tmp_path / 'ckpt'}", "tracking.register=tiny",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
@@ -30,7 +32,8 @@ def test_mlflow_never_loads_in_the_training_process(tmp_path):
     # At exit the tracking process saw its pipe close and left by itself.
     assert "tracking process did not exit" not in done.stderr
     run_id, *rest = done.stdout.split("\n")[-2].split(" ", 1)
-    assert rest == ["['finetuned', 'pretrained'] {'tiny': '1'} False"]
+    # tracking.process=false logs from a thread of the training process: MLflow loads there.
+    assert rest == [f"['finetuned', 'pretrained'] {{'tiny': '1'}} {not process}"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
