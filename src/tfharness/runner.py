@@ -99,17 +99,17 @@ def _probe_batch(split: data_lib.Split, size: int) -> np.ndarray:
     return np.concatenate([split.test[0][:size], split.val[0][:size], split.train[0][:size]])[:size]
 
 
-def _import_tensorflow_meanwhile() -> None:
+def _import_tensorflow_meanwhile() -> Optional[threading.Thread]:
     """Imports Keras and TensorFlow on a thread while this one loads and checks the data.
 
     The import takes seconds, and so can the data (1.9 s for the benchmark's 60,000 synthetic
     samples); NumPy's random generators and BLAS release the GIL, so the two overlap. It starts
     once the config is valid: a config error still answers without TensorFlow. The first use
     of TensorFlow waits for this import (Python's per-module import lock); if it failed, that
-    use imports again and reports the error itself.
+    use imports again and reports the error itself. Returns the thread (None: nothing to load).
     """
     if "keras" in sys.modules:
-        return
+        return None
 
     def load() -> None:
         try:
@@ -117,7 +117,9 @@ def _import_tensorflow_meanwhile() -> None:
         except BaseException:  # noqa: BLE001 - reported by the import that needs it
             pass
 
-    threading.Thread(target=load, name="tfharness-import-tensorflow", daemon=True).start()
+    thread = threading.Thread(target=load, name="tfharness-import-tensorflow", daemon=True)
+    thread.start()
+    return thread
 
 
 def _seed_everything(seed: int, deterministic: bool) -> None:
@@ -456,7 +458,7 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     # The tracker first: by default its process opens the store (imports MLflow, checks the
     # schema) on the other core while this one loads the data and TensorFlow.
     tracker = tracking.make_tracker(cfg.tracking)
-    _import_tensorflow_meanwhile()
+    importer = _import_tensorflow_meanwhile()
     try:
         bundle = data_lib.load_data(cfg.data)
         from_scratch = cfg.source.name == "scratch"
@@ -532,6 +534,10 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
                       and cfg.tracking.name != "off" else None)
     except BaseException as error:
         tracker.finish(error)  # no run was opened: this only lets go of the tracker
+        if importer is not None:
+            # A process that exits while TensorFlow is still loading on another thread can
+            # crash in the interpreter's shutdown (seen: SIGSEGV after a data error).
+            importer.join()
         raise
     for abandoned in ckpt_lib.abandoned_runs(cfg.checkpoint_root):
         if resumed is not None and abandoned.run_id == resumed.run_id:
