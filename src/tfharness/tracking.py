@@ -365,7 +365,7 @@ class MlflowTracker(Tracker):
 
             python_model = str(Path(__file__).with_name("mlflow_model.py"))
             # What mlflow.pyfunc.log_model does, less the serving check of the input example:
-            # that check loads the model, that is TensorFlow, into the tracking process (700 MiB
+            # that check loads the model, that is TensorFlow, into the tracking process (600 MiB
             # and seconds of CPU taken from training), to prove what the runner has proved
             # already: the saved artifact reloads and serves the same outputs (reload/* metrics).
             info = Model.log(
