@@ -57,6 +57,31 @@ def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):
     assert model.predict(np.zeros((2, 12), np.float32)).shape == (2, 3)
 
 
+def test_each_run_logs_with_the_environment_it_was_started_in(make_cfg, client, monkeypatch):
+    # One tracking process serves the runs of a process; each run brings its environment.
+    quick = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none", "tracking.log_models=false"]
+    monkeypatch.setenv("LOGNAME", "first-user")
+    first = tfharness.run(make_cfg(quick))
+    monkeypatch.setenv("LOGNAME", "second-user")  # MLflow's mlflow.user tag reads it
+    second = tfharness.run(make_cfg(quick, out="second"))
+    assert client.get_run(first.run_id).data.tags["mlflow.user"] == "first-user"
+    assert client.get_run(second.run_id).data.tags["mlflow.user"] == "second-user"
+
+
+def test_without_a_tracking_process_the_run_logs_from_a_thread(make_cfg, client, monkeypatch,
+                                                               caplog):
+    from tfharness import tracking_process
+
+    monkeypatch.setattr(tracking_process, "_shared", None)
+    monkeypatch.setattr(sys, "executable", "/no/such/python")  # nothing to start it with
+    result = tfharness.run(make_cfg([*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none"]))
+    assert "Cannot start the tracking process" in caplog.text
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [0]
+    assert set(result.model_uris) == {"pretrained"}
+
+
 def test_tags_carry_the_git_commit_of_the_working_directory(tmp_path, monkeypatch):
     repo = tmp_path / "project"
     repo.mkdir()

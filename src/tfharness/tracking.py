@@ -590,7 +590,11 @@ def make_tracker(cfg: TrackingConfig) -> Tracker:
     if cfg.process:
         from tfharness.tracking_process import ProcessTracker
 
-        return ProcessTracker(cfg)
+        try:
+            return ProcessTracker(cfg)
+        except OSError as error:  # no interpreter to start, no process slots left
+            log.warning("Cannot start the tracking process (%s: %s); logging from a thread of "
+                        "this process instead", type(error).__name__, error)
     return MlflowTracker(cfg)
 
 

@@ -185,7 +185,7 @@ class ProcessTracker(Tracker):
         self._process = shared_process()
         # The child opens the store now, while this process goes on to load data and
         # TensorFlow; a store that cannot be used is reported by start().
-        self._process.send(self._key, "open", cfg, os.getcwd())
+        self._process.send(self._key, "open", cfg, os.getcwd(), dict(os.environ))
 
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
               resume_run_id: Optional[str] = None) -> None:
@@ -333,8 +333,13 @@ def serve(fd: int) -> None:
         ok, value = True, None
         try:
             if method == "open":
-                cfg, cwd = args
+                cfg, cwd, environment = args
                 os.chdir(cwd)  # a relative SQLite URI means the training process's folder
+                # The environment of the training process now, not when this process started:
+                # credentials (MLFLOW_TRACKING_TOKEN, cloud keys), the user name MLflow tags runs
+                # with, and what hydra.job.env_set gave this job of a sweep.
+                os.environ.clear()
+                os.environ.update(environment)
                 trackers[key] = tracker = MlflowTracker(cfg)
                 tracker.connect()
             elif method == "close":
