@@ -46,6 +46,11 @@ def harness(tmp: Path, *overrides: str, pause: str = "", env=None,
         text=True, start_new_session=own_group)
 
 
+def logged_model_names(client, run) -> set:
+    return {m.name for m in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")}
+
+
 def tracking_processes_of(pid: int) -> list:
     """The pids of the tfharness tracking processes whose parent is ``pid``."""
     found = []
@@ -142,9 +147,7 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
     assert sorted(p.name for p in models.iterdir()) == [
         "finetuned", "finetuned.sha256.json", "pretrained", "pretrained.sha256.json"]
     assert not any((tmp_path / "checkpoints").iterdir())
-    assert {m.name for m in client.search_logged_models(
-        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")} == {
-        "pretrained", "finetuned"}
+    assert logged_model_names(client, run) == {"pretrained", "finetuned"}
 
 
 def state_of_output(run) -> str:
@@ -398,9 +401,7 @@ def test_a_server_stopped_and_restarted_mid_run_receives_every_metric_point(tmp_
     assert run.info.status == "FINISHED"
     assert_every_epoch_once(client, run.info.run_id)
     assert "all delivered late, none lost" in run.data.tags["tfharness.tracking_outage"]
-    assert {m.name for m in client.search_logged_models(
-        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")} == {
-        "pretrained", "finetuned"}
+    assert logged_model_names(client, run) == {"pretrained", "finetuned"}
 
 
 # Two more server starts (about a minute here): outside the quick suite's budget, opt in with
@@ -432,9 +433,7 @@ def test_a_server_still_down_at_the_end_gets_the_rest_from_the_spool(tmp_path, s
     assert run.info.status == "FINISHED"
     assert_every_epoch_once(client, run.info.run_id)
     assert "spooled" in run.data.tags["tfharness.tracking_outage"]
-    assert {m.name for m in client.search_logged_models(
-        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")} == {
-        "pretrained", "finetuned"}
+    assert logged_model_names(client, run) == {"pretrained", "finetuned"}
     assert sync.sync(str(tmp_path / "spool")) == {}  # replayed once only
 
 

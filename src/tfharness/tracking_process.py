@@ -247,7 +247,10 @@ class ProcessTracker(Tracker):
 
     def finish(self, error: Optional[BaseException] = None) -> None:
         if self.run_id is None:
-            self._process.send(self._key, "close")
+            try:
+                self._process.send(self._key, "close")
+            except TrackingError:  # gone already: nothing to let go of, and the caller's
+                pass               # own error (a bad config, say) is the one to report
             return
         status, message = ending_of(error)
         try:
