@@ -110,20 +110,6 @@ class Tracker:
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         pass
 
-    def epoch_logger(self, prefix: str, step_offset: int = 0):
-        """A Keras callback logging ``<prefix>/<metric>`` at step ``step_offset + epoch``."""
-        import keras
-
-        tracker = self
-
-        class EpochLogger(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                metrics = {f"{prefix}/{k}": float(v) for k, v in (logs or {}).items()
-                           if np.isscalar(v) or np.ndim(v) == 0}
-                tracker.log_metrics(metrics, step=step_offset + epoch)
-
-        return EpochLogger()
-
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
@@ -205,9 +191,10 @@ class MlflowTracker(Tracker):
             self._experiment_id = self._open_experiment(self._client, self.uri)
         except Exception as exc:
             self._connect_error = exc
-        # What model logging imports, loaded now rather than while the first model waits.
-        import mlflow.models  # noqa: F401
-        import mlflow.pyfunc  # noqa: F401
+        if self.cfg.log_models:
+            # What model logging imports, loaded now rather than while the first model waits.
+            import mlflow.models  # noqa: F401
+            import mlflow.pyfunc  # noqa: F401
 
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
               resume_run_id: Optional[str] = None) -> None:
