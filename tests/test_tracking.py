@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tfharness
-from tfharness import tracking
+from tfharness import store, tracking
 
 from conftest import TINY_SYNTHETIC, free_port
 
@@ -99,9 +99,9 @@ def test_tags_carry_the_git_commit_of_the_working_directory(tmp_path, monkeypatc
 
 
 def test_sqlite_artifacts_go_beside_the_database(tmp_path):
-    root = tracking.sqlite_artifact_root(f"sqlite:///{tmp_path}/sub/mlflow.db")
+    root = store.sqlite_artifact_root(f"sqlite:///{tmp_path}/sub/mlflow.db")
     assert root == (tmp_path / "sub" / "mlartifacts").as_uri()
-    assert tracking.sqlite_artifact_root("http://127.0.0.1:5000") is None
+    assert store.sqlite_artifact_root("http://127.0.0.1:5000") is None
 
 
 def test_an_unreachable_server_is_a_clear_error_before_training(make_cfg, monkeypatch):

@@ -446,7 +446,13 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     validate(cfg)
     cfg_hash = ckpt_lib.config_hash(cfg)
     resumed = ckpt_lib.find_resumable(cfg.checkpoint_root, cfg.resume, cfg_hash)
+    resumed_ckpt = None
     if resumed is not None:
+        # The run's lock first, before its MLflow run is touched: of two processes resuming
+        # the same run at once, one gets it and the other stops here, having changed nothing.
+        resumed_ckpt = ckpt_lib.RunCheckpoints(cfg.checkpoint_root, resumed)
+        resumed.status, resumed.reason, resumed.resumes = "running", None, resumed.resumes + 1
+        resumed_ckpt.acquire(resuming=True)
         # One run, one folder: the resumed run keeps writing where it started.
         log.info("Resuming run %s (%s) from %s", resumed.run_id,
                  ", ".join(f"{p}: {n} epochs" for p, n in resumed.epochs.items()) or "no epoch",
@@ -534,6 +540,8 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
                       and cfg.tracking.name != "off" else None)
     except BaseException as error:
         tracker.finish(error)  # no run was opened: this only lets go of the tracker
+        if resumed_ckpt is not None:
+            resumed_ckpt.release()
         if importer is not None:
             # A process that exits while TensorFlow is still loading on another thread can
             # crash in the interpreter's shutdown (seen: SIGSEGV after a data error).
@@ -550,7 +558,6 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
 
     if resumed is not None:
         state = resumed
-        state.status, state.reason, state.resumes = "running", None, state.resumes + 1
     else:
         state = ckpt_lib.RunState(run_id=tracker.run_id or f"local-{uuid.uuid4().hex}",
                                   config_hash=cfg_hash, output_dir=str(cfg.output_dir),
@@ -559,12 +566,13 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
                                   tracking_uri=getattr(tracker, "uri", "") if tracker.run_id
                                   else "",
                                   experiment=cfg.tracking.experiment)
-    ckpt = ckpt_lib.RunCheckpoints(cfg.checkpoint_root, state)
-    try:
-        ckpt.acquire()
-    except BaseException as error:
-        tracker.finish(error)
-        raise
+    ckpt = resumed_ckpt or ckpt_lib.RunCheckpoints(cfg.checkpoint_root, state)
+    if resumed_ckpt is None:
+        try:
+            ckpt.acquire()
+        except BaseException as error:
+            tracker.finish(error)
+            raise
     result = RunResult(run_id=tracker.run_id)
     if tracker.run_id:
         log.info("MLflow run %s ('%s') in experiment '%s' at %s", tracker.run_id, run_name,
