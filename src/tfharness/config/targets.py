@@ -6,8 +6,8 @@ callback) is a mapping with ``_target_: <dotted path>`` and keyword arguments, a
 ``_target_``). :func:`call` resolves the path, checks the arguments against the callable's
 signature and calls it, turning each way this can fail into one :class:`ConfigError` that names
 the key (``model._target_``, ``trainer.callbacks[0]._target_``), what it got and what is
-expected. Nested ``_target_`` mappings among the arguments are instantiated first (Hydra's
-``instantiate``), so a builder can take, say, an initializer object.
+expected. Nested ``_target_`` mappings among the arguments are called first, the same way, so a
+builder can take, say, an initializer object. Hydra's ``get_object`` does the importing.
 
 A user's modules import from the current folder, as ``python -m`` would allow: the command
 ``tfharness`` (a script in the environment's ``bin/``) would not otherwise see them.
