@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tfharness import store
+from tfharness.tracking import store
 from tfharness.errors import TrackingError
 
 from conftest import ROOT, TINY_SYNTHETIC, free_port

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from tfharness import store
+from tfharness.tracking import store
 
 TARGET_URI = "tfharness.spool.target_uri"
 TARGET_RUN = "tfharness.spool.target_run_id"
