@@ -29,6 +29,11 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
+HEAD_POOLING = ("avg", "max", "flatten")
+APPLICATION_POOLING = ("avg", "max")
+# Keyword arguments of a keras.applications constructor that tfharness decides.
+APPLICATION_OWN_KWARGS = {"include_top", "input_shape", "input_tensor", "classes", "pooling",
+                          "weights", "classifier_activation"}
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -98,6 +103,19 @@ class CnnConfig(ModelConfig):
     dense_units: int = 32
 
 
+@dataclass
+class KerasApplicationConfig(ModelConfig):
+    # Any constructor in keras.applications: MobileNetV2, EfficientNetB0, ResNet50, ...
+    name: str = "MobileNetV2"
+    # imagenet (downloaded once into ~/.keras), null (random initialization) or the path of a
+    # weights file.
+    weights: Optional[str] = "imagenet"
+    # How the backbone's feature map becomes one vector per sample: avg or max.
+    pooling: str = "avg"
+    # Passed to the constructor as they are (alpha=0.35 for MobileNetV2, ...).
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
 # ------------------------------------------------------------------------------------ trainer
 @dataclass
 class TrainerConfig:
@@ -134,8 +152,17 @@ class SaveFormatConfig:
 # ----------------------------------------------------------------------------------- finetune
 @dataclass
 class HeadConfig:
-    # How many layers to drop from the end of the pretrained model before adding the head.
+    # How many layers to drop from the end of the output path before adding the head (0: the
+    # head goes on top of the model's output).
     pop: int = 1
+    # A top-level layer to hang the head from instead of counting with pop (the usual way to cut
+    # a backbone: "base", "out_relu", ...).
+    cut: Optional[str] = None
+    # When the cut output is a feature map (height, width, channels): avg or max global pooling,
+    # or flatten, before the head.
+    pooling: Optional[str] = None
+    # Dropout before the head's Dense layer (0: none).
+    dropout: float = 0.0
     # null keeps the pretrained model's own output layer (no head swap; pop must then be 0).
     num_classes: Optional[int] = 5
     activation: str = "softmax"
@@ -163,6 +190,12 @@ class FinetuneConfig:
     batch_size: Optional[int] = None
     # When non-empty, stages replace the single stage described by freeze/learning_rate/epochs.
     stages: List[StageConfig] = field(default_factory=list)
+    # Keep every BatchNormalization layer frozen (inference mode, weights fixed) even where its
+    # block is unfrozen, as the Keras guide recommends for fine-tuning a pretrained base.
+    freeze_batchnorm: bool = False
+    # Also train the same fine-tune architecture from random initialization on the same data and
+    # budget, and log transfer/gain = fine-tuned test accuracy minus the from-scratch one.
+    transfer_gain: bool = False
 
     def new_head(self) -> Optional[HeadConfig]:
         """The head to attach, or None when the pretrained output layer is kept."""
@@ -263,7 +296,8 @@ class HarnessConfig:
 
 GROUP_SCHEMAS = {
     "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig},
-    "model": {"mlp": MlpConfig, "cnn": CnnConfig},
+    "model": {"mlp": MlpConfig, "cnn": CnnConfig,
+              "keras_application": KerasApplicationConfig},
     "trainer": {"base": TrainerConfig},
     "save_format": {"base": SaveFormatConfig},
     "finetune": {"base": FinetuneConfig},
@@ -416,6 +450,13 @@ def validate(cfg: HarnessConfig) -> None:
     if isinstance(model, MlpConfig):
         _check(all(u >= 1 for u in model.units), "model.units", model.units,
                "a list of positive layer widths")
+    elif isinstance(model, KerasApplicationConfig):
+        _check(model.pooling in APPLICATION_POOLING, "model.pooling", model.pooling,
+               "one of " + ", ".join(APPLICATION_POOLING))
+        for key in sorted(APPLICATION_OWN_KWARGS & set(model.kwargs)):
+            _check(False, f"model.kwargs.{key}", model.kwargs[key],
+                   "nothing: tfharness sets include_top, input_shape, classes, pooling and "
+                   "weights itself (use model.weights and model.pooling)")
     elif isinstance(model, CnnConfig):
         _check(bool(model.filters) and all(f >= 1 for f in model.filters), "model.filters",
                model.filters, "a non-empty list of positive filter counts")
@@ -461,9 +502,18 @@ def validate(cfg: HarnessConfig) -> None:
                    "an integer >= 1, or null to keep the pretrained output layer")
             _check(ft.head.pop >= 0, "finetune.head.pop", ft.head.pop, "an integer >= 0")
             _check_choice("finetune.head.activation", ft.head.activation, ACTIVATIONS)
+            if ft.head.pooling is not None:
+                _check_choice("finetune.head.pooling", ft.head.pooling, HEAD_POOLING)
+            _check(0.0 <= ft.head.dropout < 1.0, "finetune.head.dropout", ft.head.dropout,
+                   "a number in [0, 1)")
+            if ft.head.cut is not None:
+                _check(bool(ft.head.cut.strip()), "finetune.head.cut", ft.head.cut,
+                       "the name of a layer, or null to cut with finetune.head.pop")
         else:
             _check(ft.head.pop == 0, "finetune.head.pop", ft.head.pop,
                    "0 when finetune.head.num_classes is null (no new head)")
+            _check(ft.head.cut is None, "finetune.head.cut", ft.head.cut,
+                   "null when finetune.head.num_classes is null (no new head)")
         for i, selector in enumerate(ft.freeze):
             check_selector_syntax(f"finetune.freeze[{i}]", selector)
         for s, stage in enumerate(ft.stages):

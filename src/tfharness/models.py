@@ -8,13 +8,24 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-from tfharness.config import CnnConfig, MlpConfig, ModelConfig
+from tfharness.config import CnnConfig, KerasApplicationConfig, MlpConfig, ModelConfig
 from tfharness.errors import ConfigError
 
 
 def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int):
-    """Builds an uncompiled ``keras.Sequential`` for ``input_shape`` and ``num_classes``."""
+    """Builds an uncompiled model for ``input_shape`` and ``num_classes``: a
+    ``keras.Sequential`` for ``mlp`` and ``cnn``, a functional model around a nested backbone
+    for ``keras_application`` (see :mod:`tfharness.applications`)."""
     import keras
+
+    if isinstance(cfg, KerasApplicationConfig):
+        from tfharness.applications import build_keras_application
+
+        return build_keras_application(input_shape, num_classes, name=cfg.name,
+                                       weights=cfg.weights, pooling=cfg.pooling,
+                                       dropout=cfg.dropout,
+                                       output_activation=cfg.output_activation,
+                                       kwargs=dict(cfg.kwargs))
 
     layers = keras.layers
     stack = [keras.Input(shape=input_shape, name="features")]
@@ -46,7 +57,7 @@ def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int
         if cfg.dropout > 0:
             stack.append(layers.Dropout(cfg.dropout, name="dropout"))
     else:
-        raise ConfigError("model", getattr(cfg, "name", cfg), ["mlp", "cnn"])
+        raise ConfigError("model", getattr(cfg, "name", cfg), ["mlp", "cnn", "keras_application"])
     stack.append(layers.Dense(num_classes, activation=cfg.output_activation, name="output"))
     return keras.Sequential(stack, name=f"tfharness_{cfg.name}")
 

@@ -33,7 +33,7 @@ from tfharness import distribute
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import sources as sources_lib
-from tfharness import inmemory, integrity, serialization, serving, tracking
+from tfharness import inmemory, integrity, serialization, serving, surgery, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
 from tfharness.errors import ConfigError, HarnessError, RunInterrupted
 
@@ -248,7 +248,6 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
 def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
               pretrained, split: data_lib.Split, frozen_by_stage: List[set], strategy) -> tuple:
     ft = cfg.finetune
-    head = ft.new_head()
     # Reseeded so the new head starts from the same weights whether or not this process also
     # pretrained (a resumed run may start here).
     import keras
@@ -256,7 +255,7 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
     keras.utils.set_random_seed(cfg.trainer.seed + 1)
     with strategy.scope():
         pretrained = distribute.into_scope(pretrained, strategy)
-        model = ft_lib.attach_head(pretrained, head) if head else pretrained
+        model, _ = ft_lib.prepare(pretrained, ft)
     optimizer = ft.optimizer or cfg.trainer.optimizer
     batch_size = ft.batch_size or cfg.trainer.batch_size
     reports: List[ft_lib.StageReport] = []
@@ -271,7 +270,7 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
             reports.append(ft_lib.StageReport(**ckpt.state.values[milestone]))
             epochs_done += stage.epochs
             continue
-        ft_lib.apply_freeze(model, frozen)
+        ft_lib.apply_freeze(model, frozen, ft.freeze_batchnorm)
         # A new compile is what makes the trainable flags above take effect.
         with strategy.scope():
             model_lib.compile_model(model, optimizer, stage.learning_rate)
@@ -294,7 +293,7 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
         epochs_done += stage.epochs
         seconds += speed.get("train_seconds", 0.0)
         samples += len(split.train[0]) * (stage.epochs - done)
-        report = ft_lib.stage_report(model, stage.name, frozen, before, ft_lib.snapshot(model))
+        report = ft_lib.stage_report(model, stage.name, before, ft_lib.snapshot(model))
         measured = {
             "finetune/trainable_params": report.trainable_params,
             "finetune/frozen_params": report.frozen_params,
@@ -500,15 +499,13 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
             _check_source_fits(cfg, source)
             _check_classes(cfg, bundle, source.num_classes)
             model = source.model
-        frozen_by_stage: List[set] = []
-        if cfg.finetune.enabled:
-            base_names = model_lib.layer_names(model)
-            head = cfg.finetune.new_head()
-            planned = ft_lib.planned_layers(base_names, head)
-            base_count = len(base_names) - (head.pop if head else 0)
-            for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
-                frozen_by_stage.append(ft_lib.resolve_selectors(
-                    stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
+        # Before any run opens: one input and one output, and (when fine-tuning) the cut, the
+        # head and every stage's selectors, on the model as it will be fine-tuned.
+        surgery.check_single_io(model, *(("model", cfg.model.name) if source is None else
+                                         (sources_lib.source_key(cfg.source),
+                                          source.artifact.location)))
+        frozen_by_stage: List[set] = (ft_lib.plan(model, cfg.finetune) if cfg.finetune.enabled
+                                      else [])
 
         run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
         # With a source, the model group played no part: the tag says what the model came from.

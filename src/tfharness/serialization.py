@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tfharness.applications import register_layers
 from tfharness.errors import SaveError, VerificationError
 
 SUFFIXES = {"savedmodel": "", "keras": ".keras", "h5": ".h5"}
@@ -232,6 +233,7 @@ def load_savedmodel(path: str | os.PathLike):
         raise SaveError(f"{path} was written by an unknown tfharness format "
                         f"{metadata.get('format')!r}; this version reads {METADATA_FORMAT}.")
     loaded = tf.saved_model.load(str(path))
+    register_layers()
     model = keras.models.model_from_json(json.dumps(metadata["architecture"]))
     by_name = {variable.name: variable for variable in loaded.variables}
     saved_paths = metadata["weight_paths"]
@@ -262,6 +264,7 @@ def load_model(path: str | os.PathLike):
                             f"(no {METADATA_PATH}).")
         return load_savedmodel(path)[0]
     if path.suffix in (".keras", ".h5"):
+        register_layers()
         return keras.saving.load_model(str(path), compile=False, safe_mode=True)
     raise SaveError(f"Cannot tell the format of {path}: expected a SavedModel directory, "
                     f"a .keras file or an .h5 file.")

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tfharness import integrity, serialization
+from tfharness.applications import register_layers
 from tfharness.config import MlflowSourceConfig, PathSourceConfig, SourceConfig
 from tfharness.errors import ConfigError, SourceError, VerificationError
 
@@ -230,6 +231,7 @@ def detect_kind(path: Path, key: str = "source.path") -> str:
 def _load_keras_file(path: Path, allow_unsafe: bool, key: str, shown: str):
     import keras
 
+    register_layers()
     try:
         return keras.saving.load_model(str(path), compile=False, safe_mode=not allow_unsafe)
     except Exception as exc:
