@@ -319,6 +319,48 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
     return model, reports, speed
 
 
+def _transfer_gain(cfg: HarnessConfig, tracker: tracking.Tracker, tuned,
+                   split: data_lib.Split, strategy, tuned_accuracy: float) -> Dict[str, float]:
+    """Trains the fine-tune architecture from random initialization on the fine-tune data, with
+    the same stages' epochs, learning rates, optimizer and batch size and nothing frozen (a
+    frozen random layer is no baseline); logs its per-epoch metrics as ``scratch/*`` and
+    returns its test metrics and ``transfer/gain``."""
+    import keras
+
+    ft = cfg.finetune
+    keras.utils.set_random_seed(cfg.trainer.seed + 2)
+    with strategy.scope():
+        # clone_model builds new layers from their configs: same architecture, fresh weights.
+        scratch = keras.models.clone_model(tuned)
+    ft_lib.apply_freeze(scratch, set())
+    batch_size = ft.batch_size or cfg.trainer.batch_size
+
+    class EpochLogger(keras.callbacks.Callback):
+        def __init__(self, offset: int):
+            super().__init__()
+            self.offset = offset
+
+        def on_epoch_end(self, epoch, logs=None):
+            tracker.log_metrics({f"scratch/{k}": float(v) for k, v in (logs or {}).items()},
+                                step=self.offset + epoch)
+
+    offset = 0
+    for index, stage in enumerate(ft_lib.stages_of(ft)):
+        with strategy.scope():
+            model_lib.compile_model(scratch, ft.optimizer or cfg.trainer.optimizer,
+                                    stage.learning_rate)
+        _fit(scratch, split, epochs=stage.epochs, batch_size=batch_size,
+             seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose,
+             callbacks=[EpochLogger(offset)])
+        offset += stage.epochs
+    test = _evaluate(scratch, split, cfg.trainer.batch_size)
+    measured = {f"scratch/test_{k}": v for k, v in test.items()}
+    measured["transfer/gain"] = tuned_accuracy - test.get("accuracy", float("nan"))
+    log.info("transfer gain: fine-tuned test accuracy %.4f, from scratch %.4f (gain %+.4f)",
+             tuned_accuracy, test.get("accuracy", float("nan")), measured["transfer/gain"])
+    return measured
+
+
 def _check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> None:
     """What a loaded source rules out, checked before a run is opened."""
     if source.kind == sources_lib.OPAQUE_SAVEDMODEL:
@@ -327,6 +369,10 @@ def _check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> 
             raise ConfigError("finetune.head.pop", head.pop,
                               "0 for a SavedModel without Keras metadata: it loads as one opaque "
                               "block, so the new head goes on top of its output")
+        if cfg.finetune.enabled and cfg.finetune.transfer_gain:
+            raise ConfigError("finetune.transfer_gain", True,
+                              "false for a SavedModel without Keras metadata: its opaque block "
+                              "cannot be rebuilt from random initialization")
         if cfg.save_format.name != "savedmodel":
             raise ConfigError("save_format", cfg.save_format.name,
                               "savedmodel for a source loaded as an opaque SavedModel block "
@@ -588,6 +634,15 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
                     latest[key] = (step, value)
             for key, (_, value) in latest.items():
                 result.metrics.setdefault(key, value)
+            if cfg.finetune.enabled and cfg.finetune.transfer_gain:
+                if not ckpt.done("transfer"):
+                    gain = _transfer_gain(cfg, tracker, final_model, final_split, strategy,
+                                          result.metrics.get("test/accuracy", float("nan")))
+                    ckpt.complete("transfer", gain, 0)
+                    tracker.log_metrics(gain)
+                for key, value, _ in ckpt.state.metrics:
+                    if key.startswith(("scratch/test_", "transfer/")):
+                        result.metrics[key] = value
             test = {k: v for k, v in result.metrics.items() if k.startswith("test/")}
             log.info("test: loss %.4f, accuracy %.4f", test.get("test/loss", float("nan")),
                      test.get("test/accuracy", float("nan")))

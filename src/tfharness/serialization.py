@@ -235,13 +235,21 @@ def load_savedmodel(path: str | os.PathLike):
     loaded = tf.saved_model.load(str(path))
     register_layers()
     model = keras.models.model_from_json(json.dumps(metadata["architecture"]))
-    by_name = {variable.name: variable for variable in loaded.variables}
+    # Nested models may repeat a path (a base's "bn/gamma" beside the outer "bn/gamma"): the
+    # SavedModel keeps its variables in model.weights order, so the k-th variable of a name
+    # belongs to the k-th weight of that path.
+    by_name: dict = {}
+    for variable in loaded.variables:
+        by_name.setdefault(variable.name, []).append(variable)
+    seen: dict = {}
     saved_paths = metadata["weight_paths"]
     if len(saved_paths) != len(model.weights):
         raise SaveError(f"{path}: the architecture has {len(model.weights)} weights but "
                         f"{len(saved_paths)} were saved.")
     for weight, saved_path in zip(model.weights, saved_paths):
-        source = by_name.get(f"{saved_path}:0", by_name.get(saved_path))
+        occurrence = seen[saved_path] = seen.get(saved_path, -1) + 1
+        same = by_name.get(f"{saved_path}:0", by_name.get(saved_path, []))
+        source = same[occurrence] if occurrence < len(same) else None
         if source is None:
             raise SaveError(f"{path}: no variable {saved_path!r} in the SavedModel.")
         if tuple(source.shape) != tuple(weight.shape):
