@@ -101,8 +101,8 @@ def _resolve(selector: str, model, prefix: str, key: str, shown: str) -> List[st
                 for path in _resolve(rest, layer, f"{prefix}{layer.name}/", key, shown)]
     matched = match_level(selector, [layer.name for layer in layers])
     if not matched:
-        where = f"the layers of {prefix[:-1]}" if prefix else "a layer of"
-        raise ConfigError(key, shown, f"a selector matching at least one of {where} "
+        where = f" of {prefix[:-1]}" if prefix else ""
+        raise ConfigError(key, shown, f"a selector matching at least one layer{where}: "
                           f"{_listing(layers)}")
     return [prefix + layers[i].name for i in matched]
 

@@ -450,9 +450,9 @@ def _load_opaque(path: Path, cfg: SourceConfig, input_shape: Tuple[int, ...], sh
 
 
 def _check_input_shape(model, input_shape: Tuple[int, ...], shown: str, key: str) -> None:
-    if isinstance(model.input_shape, list):
-        raise SourceError(f"{key}={shown!r} has {len(model.input_shape)} inputs; a model with one "
-                          f"input is needed.")
+    from tfharness.surgery import check_single_io
+
+    check_single_io(model, key, shown)
     saved = tuple(model.input_shape[1:])
     if len(saved) != len(input_shape) or any(
             s is not None and s != d for s, d in zip(saved, input_shape)):

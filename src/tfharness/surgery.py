@@ -179,5 +179,6 @@ def attach_head(model, head: HeadConfig):
     outputs = tensor
     for layer in added:
         outputs = layer(outputs)
-    tuned = keras.Model(model.inputs, outputs, name=f"{model.name}_finetuned")
+    # One input tensor, not a list of one: Keras warns on every call otherwise.
+    tuned = keras.Model(model.inputs[0], outputs, name=f"{model.name}_finetuned")
     return tuned, [layer.name for layer in added]
