@@ -47,7 +47,7 @@ def guide_nested(shape=IMAGE, classes: int = 4):
 def mobilenet(shape=(32, 32, 3), classes: int = 4):
     """A keras.applications MobileNetV2 (alpha 0.35, random weights) through tfharness' own
     builder, as model=keras_application builds it."""
-    from tfharness.applications import build_keras_application
+    from tfharness.models.applications import build_keras_application
 
     return build_keras_application(shape, classes, name="MobileNetV2", weights=None,
                                    kwargs={"alpha": 0.35})

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tfharness import finetune as ft
-from tfharness import layertree, serialization, surgery
+from tfharness import serialization
+from tfharness.finetune import layertree, surgery
 from tfharness.config import HeadConfig
 from tfharness.errors import ConfigError
 from tfharness.models import compile_model

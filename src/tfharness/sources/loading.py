@@ -39,8 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfharness import integrity, serialization
-from tfharness.applications import register_layers
+from tfharness.artifacts import integrity, serialization
+from tfharness.models.applications import register_layers
 from tfharness.config import MlflowSourceConfig, PathSourceConfig, SourceConfig
 from tfharness.errors import ConfigError, SourceError, VerificationError
 
@@ -450,7 +450,7 @@ def _load_opaque(path: Path, cfg: SourceConfig, input_shape: Tuple[int, ...], sh
 
 
 def _check_input_shape(model, input_shape: Tuple[int, ...], shown: str, key: str) -> None:
-    from tfharness.surgery import check_single_io
+    from tfharness.finetune.surgery import check_single_io
 
     check_single_io(model, key, shown)
     saved = tuple(model.input_shape[1:])

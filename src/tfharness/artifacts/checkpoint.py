@@ -39,10 +39,10 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
-from tfharness.applications import register_layers
+from tfharness.models.applications import register_layers
 from tfharness.config import HarnessConfig, flatten
 from tfharness.errors import ConfigError, HarnessError, NumericalError, RunInterrupted
-from tfharness.serialization import atomic_write, sweep_partial_writes
+from tfharness.artifacts.serialization import atomic_write, sweep_partial_writes
 
 log = logging.getLogger("tfharness")
 

@@ -15,11 +15,11 @@ from tfharness.errors import ConfigError
 def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int):
     """Builds an uncompiled model for ``input_shape`` and ``num_classes``: a
     ``keras.Sequential`` for ``mlp`` and ``cnn``, a functional model around a nested backbone
-    for ``keras_application`` (see :mod:`tfharness.applications`)."""
+    for ``keras_application`` (see :mod:`tfharness.models.applications`)."""
     import keras
 
     if isinstance(cfg, KerasApplicationConfig):
-        from tfharness.applications import build_keras_application
+        from tfharness.models.applications import build_keras_application
 
         return build_keras_application(input_shape, num_classes, name=cfg.name,
                                        weights=cfg.weights, pooling=cfg.pooling,

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from tfharness import layertree, surgery
+from tfharness.finetune import layertree, surgery
 from tfharness.config import FinetuneConfig, StageConfig
 from tfharness.errors import VerificationError
 

@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tfharness import serialization
-from tfharness.applications import register_layers
+from tfharness.artifacts import serialization
+from tfharness.models.applications import register_layers
 from tfharness.errors import SaveError
 
 FORMATS = ("keras", "savedmodel")
