@@ -174,7 +174,7 @@ def check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> N
     """What a loaded source rules out, checked before a run is opened."""
     if source.kind == sources_lib.OPAQUE_SAVEDMODEL:
         head = cfg.finetune.new_head() if cfg.finetune.enabled else None
-        if head is not None and head.pop != 0:
+        if head is not None and head.pop != 0 and head.cut is None:
             raise ConfigError("finetune.head.pop", head.pop,
                               "0 for a SavedModel without Keras metadata: it loads as one opaque "
                               "block, so the new head goes on top of its output")
