@@ -105,7 +105,11 @@ def swept_keys(cfg: DictConfig) -> Dict[str, str]:
 def param_key(key: str, params: Dict[str, str]) -> str:
     """The MLflow param a swept key lands in: a group choice ``model`` is ``model.name``."""
     key = key.lstrip("+~")
-    return key if key in params or f"{key}.name" not in params else f"{key}.name"
+    if key in params:
+        return key
+    # A user's option may have no name: its _target_ tells the trials apart.
+    return next((f"{key}.{field}" for field in ("name", "_target_") if f"{key}.{field}" in params),
+                key)
 
 
 def collect(client, experiment_id: str, parent_run_id: str, objective: str,
@@ -245,6 +249,32 @@ def print_trials(summary: SweepSummary, swept: List[str]) -> None:
         console.print(f"[red]{summary.failed} trial(s) failed[/red]")
 
 
+def prune_search_space(config: DictConfig) -> List[str]:
+    """Drops keys of ``hydra.sweeper.params`` that the composed config does not have.
+
+    The packaged search (``hparams_search=optuna``) covers ``model.units``; a model without
+    that key (``cnn``, a user's builder) is searched over the rest, and over whatever the
+    command line adds (``model.width=8,16``). Runs before the sweeper is created from the
+    config. Returns the keys dropped.
+    """
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    if not isinstance(params, DictConfig):
+        return []
+    def present(key: str) -> bool:
+        parent_key, _, leaf = key.lstrip("+~").rpartition(".")
+        parent = OmegaConf.select(config, parent_key) if parent_key else config
+        return isinstance(parent, DictConfig) and leaf in parent
+
+    dropped = [key for key in params if not present(str(key))]
+    if dropped:
+        with flag_override(config, ["readonly", "struct"], [False, False]):
+            for key in dropped:
+                del params[key]
+        log.warning("Sweep: %s left the search: the config has no such key",
+                    ", ".join(dropped))
+    return dropped
+
+
 class SweepCallback(Callback):
     """Hydra callback: the MLflow parent run of a sweep (see the module docstring)."""
 
@@ -262,6 +292,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global ACTIVE
         ACTIVE = self
+        prune_search_space(config)
         if config.tracking.name == "off":
             return
         try:
@@ -276,6 +307,7 @@ class SweepCallback(Callback):
         from mlflow.entities import Param
 
         from tfharness.config import flatten, register_configs, to_typed
+        from tfharness.config.targets import option_name
         from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
                                         run_tags)
 
@@ -291,7 +323,7 @@ class SweepCallback(Callback):
         space = swept_keys(config)
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_"))
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_"))
-        tags = run_tags(typed.data.name, typed.model.name, {
+        tags = run_tags(option_name(typed.data), option_name(typed.model), {
             SWEEP_TAG: "parent", "sweeper": sweeper.rsplit(".", 1)[-1],
             "launcher": launcher.rsplit(".", 1)[-1], "sweep_dir": str(config.hydra.sweep.dir)})
         run_name = "sweep " + ", ".join(space)

@@ -1,5 +1,8 @@
 """``model=keras_application``: a ``keras.applications`` backbone with a head for the data.
 
+:func:`build_keras_application` is the option's ``_target_``, a model builder like any other:
+called with ``input_shape`` and ``num_classes`` from the data and the option's other keys.
+
 The backbone is built without its top and nested in a functional model under the name ``base``,
 the way the Keras transfer-learning guide builds it, so freeze selectors reach into it
 (``base/block_16_*``, ``base/0:-20``)::
@@ -145,7 +148,7 @@ def _backbone(constructor, name: str, weights: Optional[str], input_shape: Tuple
 def build_keras_application(input_shape: Sequence[int], num_classes: int, *, name: str,
                             weights: Optional[str] = "imagenet", pooling: str = "avg",
                             dropout: float = 0.0, output_activation: str = "softmax",
-                            kwargs: Optional[Dict[str, Any]] = None, **_unused):
+                            kwargs: Optional[Dict[str, Any]] = None, activation: str = "relu"):
     """A functional model: raw pixels, the application's preprocessing, the backbone without
     its top (nested as ``base``), global pooling, optional dropout, and a Dense output.
 
@@ -158,6 +161,7 @@ def build_keras_application(input_shape: Sequence[int], num_classes: int, *, nam
         dropout: dropout rate before the output layer (0: none).
         output_activation: the output layer's activation.
         kwargs: passed to the constructor as they are (``alpha=0.35``, ...).
+        activation: unused (the backbone has its own); part of the shared model schema.
 
     Raises:
         ConfigError: naming the key (``model.name``, ``model.weights``, ``model.kwargs.<k>``,

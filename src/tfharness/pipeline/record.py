@@ -79,7 +79,7 @@ def test_metrics(ctx: RunContext, final_model, final_split) -> None:
     """Step 7: the final model on the held-out test split, as ``test/*``."""
     if ctx.ckpt.done("test"):
         return
-    test = evaluate(final_model, final_split, ctx.cfg.trainer.batch_size)
+    test = evaluate(ctx.cfg, final_model, final_split)
     test = {f"test/{k}": v for k, v in test.items()}
     ctx.ckpt.complete("test", test, 0)
     ctx.tracker.log_metrics(test)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfharness import data as data_lib
 from tfharness import sources as sources_lib
 from tfharness.artifacts import inmemory, integrity, serialization, serving
 from tfharness.pipeline.context import RunContext
@@ -16,9 +17,7 @@ log = logging.getLogger("tfharness")
 
 def probe_batch(split, size: int) -> np.ndarray:
     """A fixed batch to compare a model and its reload on: test samples, then validation."""
-    # Slice before concatenating: copying the whole training set for a few rows would cost a
-    # copy of the training set in peak memory.
-    return np.concatenate([split.test[0][:size], split.val[0][:size], split.train[0][:size]])[:size]
+    return data_lib.probe_features(split, size)
 
 
 def round_trip(ctx: RunContext, model, stem: str, step: int, probe: np.ndarray):

@@ -53,7 +53,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     tracker = tracking.make_tracker(cfg.tracking)
     importer = prepare.import_tensorflow_meanwhile()
     with run_ending(tracker, importer) as ending:
-        ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml)
+        ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml,
+                              importer)
         opening.open_run(ctx, parent_run_id, tags or {})
         opening.end_abandoned_runs(ctx)
         ending.ckpt = ctx.ckpt = opening.open_checkpoints(ctx)
