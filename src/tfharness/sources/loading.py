@@ -1,7 +1,8 @@
 """Sources: where a run starts when it does not start from scratch.
 
-Finds the artifact named by the ``source`` config group (a path, or an MLflow model URI), checks
-its bytes against the sha256 tfharness recorded, tells what kind of artifact it is, loads it as a
+Finds the artifact named by the ``source`` config group (a path, or an MLflow model URI: one
+logged by tfharness, or by ``mlflow.keras``/``mlflow.tensorflow``, whose ``data/`` folder holds
+the Keras file), checks its bytes against the sha256 tfharness recorded, tells what kind of artifact it is, loads it as a
 Keras 3 model with as much of its structure as the artifact carries, and proves the loaded model
 computes what the artifact computes. What each kind gives:
 
