@@ -26,7 +26,14 @@ POOLING = HEAD_POOLING
 
 def check_single_io(model, key: str, shown: str) -> None:
     """Raises :class:`ConfigError` unless ``model`` has exactly one input and one output."""
-    inputs, outputs = len(model.inputs or []), len(model.outputs or [])
+    try:
+        inputs, outputs = len(model.inputs or []), len(model.outputs or [])
+    except (AttributeError, ValueError):
+        inputs = outputs = 0
+    if not inputs:
+        raise ConfigError(key, shown, "a Sequential or functional model with one input and one "
+                          "output (this one has no graph of layers to cut or freeze: a "
+                          "subclassed model?)")
     if inputs != 1 or outputs != 1:
         raise ConfigError(key, shown, f"a model with one input and one output; this one has "
                           f"{inputs} input(s) ({', '.join(t.name for t in model.inputs)}) and "
