@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tfharness.artifacts import serving
 from tfharness.models.applications import register_layers
 from tfharness.errors import SaveError, VerificationError
 
@@ -181,8 +182,6 @@ def write_savedmodel(model, path: str | os.PathLike, signatures: Sequence[str] =
     ``signatures`` are the extra serving signatures of :mod:`tfharness.serving`.
     """
     import tensorflow as tf
-
-    from tfharness.artifacts import serving
 
     serving.export_savedmodel(model, str(path), signatures)
     metadata = {
@@ -346,8 +345,6 @@ def verify_reload(model, reloaded, loaded, probe: np.ndarray, atol: float, where
     if loaded is None:
         return diff, None
     import tensorflow as tf
-
-    from tfharness.artifacts import serving
 
     outputs = loaded.signatures["serving_default"](**{serving.INPUT_NAME: tf.constant(probe)})
     served = outputs.get(serving.default_output_name(model), next(iter(outputs.values())))
