@@ -19,6 +19,7 @@ from tfharness import serialization, sources
 from tfharness.errors import ConfigError
 
 import models_users_bring as users
+
 FEATURES = users.FEATURES
 VECTORS = ["data=synthetic", f"data.shape=[{FEATURES}]", "data.num_samples=40",
            "data.finetune_num_samples=40", "data.num_classes=4", "data.finetune_num_classes=3",
