@@ -17,6 +17,7 @@ from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError, HarnessError
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.roundtrip import probe_batch
+from tfharness.pipeline import train
 from tfharness.pipeline.train import evaluate
 
 log = logging.getLogger("tfharness")
@@ -82,6 +83,18 @@ def test_metrics(ctx: RunContext, final_model, final_split) -> None:
     test = {f"test/{k}": v for k, v in test.items()}
     ctx.ckpt.complete("test", test, 0)
     ctx.tracker.log_metrics(test)
+
+
+def transfer_gain(ctx: RunContext, final_model, final_split) -> None:
+    """``finetune.transfer_gain``: the from-scratch baseline and ``transfer/gain``, once."""
+    ft = ctx.cfg.finetune
+    if not (ft.enabled and ft.transfer_gain) or ctx.ckpt.done("transfer"):
+        return
+    accuracy = next((value for key, value, _ in reversed(ctx.ckpt.state.metrics)
+                     if key == "test/accuracy"), float("nan"))
+    measured = train.transfer_gain(ctx, final_model, final_split, accuracy)
+    ctx.ckpt.complete("transfer", measured, 0)
+    ctx.tracker.log_metrics(measured)
 
 
 def gather_results(ctx: RunContext) -> None:

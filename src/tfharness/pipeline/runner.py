@@ -62,6 +62,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
         with ckpt_lib.interrupt_on_signals():
             final_model, final_split = _phases(ctx)
             record.test_metrics(ctx, final_model, final_split)
+            record.transfer_gain(ctx, final_model, final_split)
             record.gather_results(ctx)
             if require_objective:
                 ctx.result.objective = record.objective(cfg, ctx.result.metrics)
