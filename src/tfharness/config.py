@@ -74,6 +74,96 @@ class NpzDataConfig(DataConfig):
     finetune_y_key: Optional[str] = None
 
 
+@dataclass
+class AugmentConfig:
+    """Keras preprocessing layers applied to training batches only (0 or null: layer off)."""
+
+    # horizontal, vertical or horizontal_and_vertical (keras.layers.RandomFlip's modes).
+    flip: Optional[str] = None
+    # Fractions as the layers take them: rotation of a full turn, zoom and translation of the
+    # image size, contrast and brightness of the pixel range.
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+
+
+@dataclass
+class ImageFolderDataConfig(DataConfig):
+    """Folders laid out as ``keras.utils.image_dataset_from_directory`` reads them."""
+
+    name: str = "image_folder"
+    # One sub-folder per class; the sub-folder names are the class names.
+    pretrain_dir: str = MISSING
+    # null: fine-tune on the pretraining folder.
+    finetune_dir: Optional[str] = None
+    # Held-out folders (same layout); null: cut val_fraction / test_fraction off the phase's folder.
+    pretrain_val_dir: Optional[str] = None
+    pretrain_test_dir: Optional[str] = None
+    finetune_val_dir: Optional[str] = None
+    finetune_test_dir: Optional[str] = None
+    image_size: List[int] = field(default_factory=lambda: [128, 128])
+    color_mode: str = "rgb"
+    interpolation: str = "bilinear"
+    # Batches of both phases (streamed data is batched by its reader).
+    batch_size: int = 32
+    # false, true (in memory after the first epoch) or a file path prefix for tf.data's cache.
+    cache: Any = False
+    prefetch: bool = True
+    # Scale pixels by 1/255 inside the model (a Rescaling layer), so it serves raw pixels.
+    rescale: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class CsvDataConfig(DataConfig):
+    name: str = "csv"
+    path: str = MISSING
+    # null: fine-tune on the same file.
+    finetune_path: Optional[str] = None
+    label_column: str = "label"
+    # null: every other numeric column.
+    feature_columns: Optional[List[str]] = None
+    delimiter: str = ","
+    # A Normalization layer adapted on the training split, first in the model.
+    normalize: bool = True
+
+
+@dataclass
+class TfdsSplitsConfig:
+    train: str = "train[:85%]"
+    val: str = "train[85%:]"
+    test: str = "test"
+
+
+@dataclass
+class TfdsDataConfig(DataConfig):
+    """A TensorFlow Datasets data set (``pip install tfharness[tfds]``)."""
+
+    name: str = "tfds"
+    # A registered name, with a config or version if wanted: "mnist", "cifar10:3.0.2".
+    dataset: str = MISSING
+    data_dir: Optional[str] = None
+    # false: use only data already prepared in data_dir (no network).
+    download: bool = True
+    splits: TfdsSplitsConfig = field(default_factory=TfdsSplitsConfig)
+    # null: the same splits as pretraining.
+    finetune_splits: Optional[TfdsSplitsConfig] = None
+    # Label values each phase keeps, relabelled 0..n-1 (null: every class).
+    pretrain_classes: Optional[List[int]] = None
+    finetune_classes: Optional[List[int]] = None
+    # null: the data set's supervised keys (as_supervised=True).
+    feature_key: Optional[str] = None
+    label_key: Optional[str] = None
+    # Resize images to [height, width] (null: keep the data set's shape).
+    image_size: Optional[List[int]] = None
+    batch_size: int = 32
+    # Scale image pixels by 1/255 inside the model (ignored for non-image features).
+    rescale: bool = True
+    shuffle_buffer: int = 10000
+
+
 # -------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
@@ -262,7 +352,8 @@ class HarnessConfig:
 
 
 GROUP_SCHEMAS = {
-    "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig},
+    "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig,
+             "image_folder": ImageFolderDataConfig, "csv": CsvDataConfig, "tfds": TfdsDataConfig},
     "model": {"mlp": MlpConfig, "cnn": CnnConfig},
     "trainer": {"base": TrainerConfig},
     "save_format": {"base": SaveFormatConfig},
@@ -381,6 +472,61 @@ def _validate_serving(cfg: HarnessConfig) -> None:
                    "'probabilities' (any other output is not a probability)")
 
 
+COLOR_MODES = ("rgb", "grayscale", "rgba")
+# tf.image.resize's methods, as image_dataset_from_directory takes them.
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian",
+                  "mitchellcubic")
+FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
+
+
+def _check_image_size(key: str, size: Optional[List[int]]) -> None:
+    _check(size is not None and len(size) == 2 and all(d >= 1 for d in size), key, size,
+           "[height, width], two positive sizes in pixels")
+
+
+def _validate_file_data(data: Any) -> None:
+    """The keys of data=image_folder, csv and tfds that types alone cannot check."""
+    if isinstance(data, ImageFolderDataConfig):
+        _check(bool(str(data.pretrain_dir).strip()), "data.pretrain_dir", data.pretrain_dir,
+               "a folder with one sub-folder of images per class")
+        _check_image_size("data.image_size", data.image_size)
+        _check_choice("data.color_mode", data.color_mode, COLOR_MODES)
+        _check_choice("data.interpolation", data.interpolation, INTERPOLATIONS)
+        _check(isinstance(data.cache, bool) or (isinstance(data.cache, str)
+                                                and bool(data.cache.strip())),
+               "data.cache", data.cache, "false, true (in memory) or a file path prefix")
+        aug = data.augment
+        if aug.flip is not None:
+            _check_choice("data.augment.flip", aug.flip, FLIP_MODES)
+        for key in ("rotation", "zoom", "translation", "contrast", "brightness"):
+            _check(0.0 <= getattr(aug, key) <= 1.0, f"data.augment.{key}", getattr(aug, key),
+                   "a fraction in [0, 1] (0: no such layer)")
+    elif isinstance(data, CsvDataConfig):
+        _check(bool(str(data.path).strip()), "data.path", data.path, "the path of a CSV file")
+        _check(bool(data.label_column), "data.label_column", data.label_column, "a column name")
+        _check(len(data.delimiter) == 1, "data.delimiter", data.delimiter, "one character")
+        if data.feature_columns is not None:
+            _check(bool(data.feature_columns) and data.label_column not in data.feature_columns
+                   and len(set(data.feature_columns)) == len(data.feature_columns),
+                   "data.feature_columns", list(data.feature_columns),
+                   "null (every numeric column but the label) or distinct column names other "
+                   "than data.label_column")
+    else:
+        _check(bool(str(data.dataset).strip()), "data.dataset", data.dataset,
+               "a TensorFlow Datasets name, such as mnist")
+        for key in ("pretrain_classes", "finetune_classes"):
+            classes = getattr(data, key)
+            _check(classes is None or (bool(classes) and min(classes) >= 0
+                                       and len(set(classes)) == len(classes)),
+                   f"data.{key}", classes, "null (every class) or distinct label values >= 0")
+        if data.image_size is not None:
+            _check_image_size("data.image_size", data.image_size)
+        _check(data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer,
+               "an integer >= 1")
+    if not isinstance(data, CsvDataConfig):
+        _check(data.batch_size >= 1, "data.batch_size", data.batch_size, "an integer >= 1")
+
+
 def validate(cfg: HarnessConfig) -> None:
     """Checks ranges and cross-field rules; raises :class:`ConfigError` naming the key."""
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
@@ -404,6 +550,8 @@ def validate(cfg: HarnessConfig) -> None:
                    "an integer >= 10 (enough for train, validation and test splits)")
         for key in ("num_classes", "finetune_num_classes"):
             _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "an integer >= 1")
+    elif isinstance(data, (ImageFolderDataConfig, CsvDataConfig, TfdsDataConfig)):
+        _validate_file_data(data)
     elif isinstance(data, NpzDataConfig):
         _check(bool(data.path), "data.path", data.path, "the path of an existing .npz file")
         _check((data.finetune_x_key is None) == (data.finetune_y_key is None),
