@@ -267,3 +267,53 @@ def test_long_class_lists_are_cut_in_tags_but_kept_whole_in_the_artifact(tmp_pat
     assert len(tag) <= records.TAG_VALUE_LIMIT and tag.endswith('more"]')
     path = records.write_class_names(tmp_path / "m" / "class_names.json", names)
     assert json.loads(path.read_text())["class_names"] == names
+
+
+# -------------------------------------------------------------------- TensorFlow Datasets
+def test_tfds_phases_take_their_classes_relabelled():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tfharness import tfds_source
+    from tfharness.config import TfdsDataConfig
+
+    cfg = TfdsDataConfig(dataset="mnist", pretrain_classes=[0, 1, 2, 3, 4],
+                         finetune_classes=[5, 6, 7, 8, 9], batch_size=8, image_size=[10, 10])
+    with tfds.testing.mock_data(num_examples=40):
+        data = tfds_source.load(cfg, seed=0)
+        assert data.class_names == {"pretrain": ["0", "1", "2", "3", "4"],
+                                    "finetune": ["5", "6", "7", "8", "9"]}
+        assert data.input_shape == (10, 10, 1) and data.is_image
+        labels = np.concatenate([y.numpy() for _, y in data.datasets["finetune"]["train"]])
+        x, _ = next(iter(data.datasets["pretrain"]["test"]))
+    assert x.shape[1:] == (10, 10, 1) and x.dtype.name == "float32"
+    # Every example of the phase's classes, relabelled 0..4; the count is known up front.
+    assert len(labels) == data.counts["finetune"]["train"] > 0
+    assert labels.min() >= 0 and labels.max() <= 4
+    assert data.counts["pretrain"]["train"] + data.counts["finetune"]["train"] == 40
+    records_ = data.description.records(finetune=True)
+    assert [r.context for r in records_] == ["pretrain", "finetune", "test"]
+    assert records_[0].source_type == "tfds" and "mnist" in records_[0].name
+
+
+@pytest.mark.parametrize("case,key", [("unknown", "data.dataset"),
+                                      ("class_out_of_range", "data.pretrain_classes"),
+                                      ("not_prepared", "data.data_dir")])
+def test_tfds_bad_choices_name_the_key(tmp_path, case, key):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tfharness import tfds_source
+    from tfharness.config import TfdsDataConfig
+
+    cfg = TfdsDataConfig(dataset="mnist", batch_size=8)
+    if case == "unknown":
+        cfg.dataset = "no_such_dataset_here"
+    elif case == "class_out_of_range":
+        cfg.pretrain_classes = [3, 12]
+    else:
+        # Nothing prepared there, and no download: the folder is what is wrong.
+        cfg.data_dir, cfg.download = str(tmp_path), False
+        with pytest.raises(DataError) as caught:
+            tfds_source.load(cfg, seed=0)
+    if case != "not_prepared":
+        with tfds.testing.mock_data(num_examples=10):
+            with pytest.raises(DataError) as caught:
+                tfds_source.load(cfg, seed=0)
+    assert caught.value.key == key and "\n" not in str(caught.value)

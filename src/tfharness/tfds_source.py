@@ -87,16 +87,32 @@ def _phase_classes(cfg: TfdsDataConfig, phase: str, count: int) -> List[int]:
     return list(chosen)
 
 
-def _split_stream(tfds, cfg: TfdsDataConfig, split: str, keys: tuple, decoders=None):
-    """``(feature, label)`` pairs of one split, unbatched."""
+def _check_split(builder, cfg: TfdsDataConfig, key: str, spec: str) -> None:
+    """A split spec ("train[:85%]", "train+validation") names splits the data set has."""
+    known = list(builder.info.splits.keys())
+    for part in spec.split("+"):
+        name = part.split("[", 1)[0].strip()
+        if known and name not in known:
+            raise DataError(key, spec, f"splits of {cfg.dataset} ({', '.join(known)}), sliced "
+                            f"like train[:85%] if wanted")
+
+
+def _split_stream(tfds, cfg: TfdsDataConfig, split: str, keys: tuple, key: str,
+                  decoders=None):
+    """``(feature, label)`` pairs of one split, unbatched; ``key``: the split's config key."""
     try:
         dataset = tfds.load(cfg.dataset, split=split, data_dir=cfg.data_dir,
                             download=cfg.download, decoders=decoders)
-    except (AssertionError, ValueError, tfds.core.DatasetNotFoundError) as exc:
-        # tfds says "could not find data" (not prepared, download=false) or "Unknown split".
+    except Exception as exc:  # noqa: BLE001 - tfds raises many kinds; each becomes one line
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise DataError("data.splits", split, f"a split of {cfg.dataset} that is prepared in "
-                        f"data.data_dir ({text})") from None
+        if "could not find data" in text:
+            raise DataError("data.data_dir", cfg.data_dir, f"a folder where {cfg.dataset} is "
+                            f"prepared, or data.download=true ({text})") from None
+        if "split" in text.lower():
+            raise DataError(key, split, f"a split of {cfg.dataset}, sliced like train[:85%] if "
+                            f"wanted ({text})") from None
+        raise DataError("data.dataset", cfg.dataset, f"a data set TensorFlow Datasets can "
+                        f"prepare here ({type(exc).__name__}: {text})") from None
     return dataset.map(lambda example: (example[keys[0]], example[keys[1]]))
 
 
@@ -110,11 +126,12 @@ def _relabel(dataset, classes: List[int], count: int):
     return dataset.filter(lambda x, y: y >= 0)
 
 
-def _count(tfds, cfg, split: str, keys: tuple, classes: List[int], total: int) -> int:
+def _count(tfds, cfg, split: str, keys: tuple, classes: List[int], total: int,
+           key: str) -> int:
     """Examples of ``split`` in ``classes``: one pass over the labels alone (features are not
     decoded), so the batches' cardinality, hence the steps of an epoch, are known."""
     decoders = {keys[0]: tfds.decode.SkipDecoding()}
-    stream = _relabel(_split_stream(tfds, cfg, split, keys, decoders), classes, total)
+    stream = _relabel(_split_stream(tfds, cfg, split, keys, key, decoders), classes, total)
     return int(stream.reduce(np.int64(0), lambda n, _: n + 1))
 
 
@@ -154,8 +171,10 @@ def load(cfg: TfdsDataConfig, seed: int) -> TfdsData:
         out.datasets[phase], out.counts[phase] = {}, {}
         for split in SPLITS:
             spec = getattr(splits, split)
-            count = _count(tfds, cfg, spec, keys, classes, len(names))
-            stream = _relabel(_split_stream(tfds, cfg, spec, keys), classes, len(names))
+            key = f"data.{'finetune_splits' if splits is cfg.finetune_splits else 'splits'}.{split}"
+            _check_split(builder, cfg, key, spec)
+            count = _count(tfds, cfg, spec, keys, classes, len(names), key)
+            stream = _relabel(_split_stream(tfds, cfg, spec, keys, key), classes, len(names))
             stream = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
             stream = stream.apply(tf.data.experimental.assert_cardinality(count))
             if split == "train":
