@@ -84,7 +84,7 @@ def images(root: Path, repeats: int, timed, prepare_store) -> dict:
     models = {"cnn": ["model=cnn"]}
     if has_keras_application():
         models["mobilenetv2"] = ["model=keras_application", "model.name=MobileNetV2",
-                                 "model.weights=null", "+model.alpha=0.35"]
+                                 "model.weights=null", "+model.kwargs.alpha=0.35"]
     uri = f"sqlite:///{root / 'harness.db'}"
     prepare_store(uri, "tfharness")
     out, metrics_file = {}, root / "plain.json"

@@ -112,7 +112,8 @@ class ImageFolderDataConfig(DataConfig):
     cache: Any = False
     prefetch: bool = True
     # Scale pixels by 1/255 inside the model (a Rescaling layer), so it serves raw pixels.
-    rescale: bool = True
+    # null: yes, unless model=keras_application (which preprocesses raw pixels itself).
+    rescale: Optional[bool] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -159,8 +160,9 @@ class TfdsDataConfig(DataConfig):
     # Resize images to [height, width] (null: keep the data set's shape).
     image_size: Optional[List[int]] = None
     batch_size: int = 32
-    # Scale image pixels by 1/255 inside the model (ignored for non-image features).
-    rescale: bool = True
+    # Scale image pixels by 1/255 inside the model (ignored for non-image features); null: yes,
+    # unless model=keras_application (which preprocesses raw pixels itself).
+    rescale: Optional[bool] = None
     shuffle_buffer: int = 10000
 
 
