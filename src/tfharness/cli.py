@@ -54,7 +54,7 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tfharness.runner import run
+    from tfharness.pipeline.runner import run
     from tfharness.sweeps import PARENT_RUN_ENV
 
     hydra_cfg = HydraConfig.get()

@@ -139,7 +139,7 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     from mlflow.entities import Param
 
     from tfharness.config import flatten, to_typed
-    from tfharness.tracking import PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment
+    from tfharness.tracking.tracker import PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment
 
     try:
         typed = to_typed(cfg)
@@ -210,7 +210,7 @@ def _as_floats(values: List[Optional[str]]) -> Optional[List[float]]:
 
 
 def _display(column: str, value: Any) -> str:
-    from tfharness.tracking import format_cell
+    from tfharness.tracking.tracker import format_cell
 
     if column == "run_id":
         return str(value)[:8]  # enough to tell runs apart; the MLflow table has them whole
@@ -276,7 +276,7 @@ class SweepCallback(Callback):
         from mlflow.entities import Param
 
         from tfharness.config import flatten, register_configs, to_typed
-        from tfharness.tracking import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
+        from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
                                         run_tags)
 
         register_configs()
@@ -384,7 +384,7 @@ class SweepCallback(Callback):
             return
         import mlflow
 
-        from tfharness.tracking import MODEL_URI_TAG
+        from tfharness.tracking.tracker import MODEL_URI_TAG
 
         tags = self._client.get_run(best.run_id).data.tags
         uri = tags.get(f"{MODEL_URI_TAG}.finetuned") or tags.get(f"{MODEL_URI_TAG}.pretrained")

@@ -41,7 +41,7 @@ import numpy as np
 
 from tfharness.config import HarnessConfig, flatten
 from tfharness.errors import ConfigError, HarnessError, NumericalError, RunInterrupted
-from tfharness.serialization import atomic_write, sweep_partial_writes
+from tfharness.artifacts.serialization import atomic_write, sweep_partial_writes
 
 log = logging.getLogger("tfharness")
 

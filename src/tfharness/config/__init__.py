@@ -1,0 +1,46 @@
+"""The config: typed schemas for every config group, and the checks types cannot express.
+
+Nothing here imports TensorFlow, so a bad command line fails in well under a second.
+``schema`` holds the dataclasses Hydra validates against and :func:`validate`.
+"""
+
+from tfharness.config.schema import (  # noqa: F401
+    ACTIVATIONS,
+    DIRECTIONS,
+    GROUP_SCHEMAS,
+    IN_MEMORY_FORMATS,
+    MLFLOW_SOURCE_URI,
+    ON_UNAVAILABLE,
+    OPTIMIZERS,
+    RUN_ID,
+    SAVE_FORMATS,
+    SELECTOR_INDEX,
+    SELECTOR_SLICE,
+    SERVING_SIGNATURES,
+    SOURCE_KINDS,
+    STRATEGIES,
+    TRACKING_MODES,
+    CnnConfig,
+    DataConfig,
+    DigitsDataConfig,
+    FinetuneConfig,
+    HarnessConfig,
+    HeadConfig,
+    MlflowSourceConfig,
+    MlpConfig,
+    ModelConfig,
+    NpzDataConfig,
+    PathSourceConfig,
+    SaveFormatConfig,
+    SourceConfig,
+    StageConfig,
+    SweepConfig,
+    SyntheticDataConfig,
+    TrackingConfig,
+    TrainerConfig,
+    check_selector_syntax,
+    flatten,
+    register_configs,
+    to_typed,
+    validate,
+)
