@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder, write_csv
-from tfharness import csv_table, image_folder
-from tfharness import dataset_records as records
+from tfharness.data import csv_table, image_folder
+from tfharness.data import records
 from tfharness.config import AugmentConfig, CsvDataConfig, ImageFolderDataConfig
 from tfharness.errors import DataError
 
@@ -272,7 +272,7 @@ def test_long_class_lists_are_cut_in_tags_but_kept_whole_in_the_artifact(tmp_pat
 # -------------------------------------------------------------------- TensorFlow Datasets
 def test_tfds_phases_take_their_classes_relabelled():
     tfds = pytest.importorskip("tensorflow_datasets")
-    from tfharness import tfds_source
+    from tfharness.data import tfds_source
     from tfharness.config import TfdsDataConfig
 
     cfg = TfdsDataConfig(dataset="mnist", pretrain_classes=[0, 1, 2, 3, 4],
@@ -299,7 +299,7 @@ def test_tfds_phases_take_their_classes_relabelled():
                                       ("not_prepared", "data.data_dir")])
 def test_tfds_bad_choices_name_the_key(tmp_path, case, key):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from tfharness import tfds_source
+    from tfharness.data import tfds_source
     from tfharness.config import TfdsDataConfig
 
     cfg = TfdsDataConfig(dataset="mnist", batch_size=8)

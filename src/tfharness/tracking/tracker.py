@@ -123,7 +123,7 @@ class Tracker:
 
     def log_inputs(self, datasets: List[Dict[str, Optional[str]]]) -> None:
         """Records the run's datasets (``DatasetRecord.to_dict()`` of
-        :mod:`tfharness.dataset_records`), as ``mlflow.log_input`` would."""
+        :mod:`tfharness.data.records`), as ``mlflow.log_input`` would."""
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         pass

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from tfharness import dataset_records as records
 from tfharness.config import CsvDataConfig
+from tfharness.data import records
 from tfharness.errors import DataError
 
 log = logging.getLogger("tfharness")
@@ -176,7 +176,7 @@ class CsvData:
 
 
 def load(cfg: CsvDataConfig) -> CsvData:
-    from tfharness.data import split_arrays
+    from tfharness.data.arrays import split_arrays
 
     pretrain, columns = read_table("data.path", cfg.path, cfg)
     tables = {"pretrain": pretrain}

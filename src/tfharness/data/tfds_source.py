@@ -16,8 +16,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from tfharness import dataset_records as records
 from tfharness.config import TfdsDataConfig
+from tfharness.data import records
 from tfharness.errors import DataError
 
 SPLITS = ("train", "val", "test")

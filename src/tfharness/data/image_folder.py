@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfharness import dataset_records as records
 from tfharness.config import AugmentConfig, ImageFolderDataConfig
+from tfharness.data import records
 from tfharness.errors import DataError
 
 log = logging.getLogger("tfharness")
