@@ -105,7 +105,11 @@ def swept_keys(cfg: DictConfig) -> Dict[str, str]:
 def param_key(key: str, params: Dict[str, str]) -> str:
     """The MLflow param a swept key lands in: a group choice ``model`` is ``model.name``."""
     key = key.lstrip("+~")
-    return key if key in params or f"{key}.name" not in params else f"{key}.name"
+    if key in params:
+        return key
+    # A user's option may have no name: its _target_ tells the trials apart.
+    return next((f"{key}.{field}" for field in ("name", "_target_") if f"{key}.{field}" in params),
+                key)
 
 
 def collect(client, experiment_id: str, parent_run_id: str, objective: str,
@@ -276,6 +280,7 @@ class SweepCallback(Callback):
         from mlflow.entities import Param
 
         from tfharness.config import flatten, register_configs, to_typed
+        from tfharness.config.targets import option_name
         from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
                                         run_tags)
 
@@ -291,7 +296,7 @@ class SweepCallback(Callback):
         space = swept_keys(config)
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_"))
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_"))
-        tags = run_tags(typed.data.name, typed.model.name, {
+        tags = run_tags(option_name(typed.data), option_name(typed.model), {
             SWEEP_TAG: "parent", "sweeper": sweeper.rsplit(".", 1)[-1],
             "launcher": launcher.rsplit(".", 1)[-1], "sweep_dir": str(config.hydra.sweep.dir)})
         run_name = "sweep " + ", ".join(space)

@@ -1,7 +1,10 @@
-"""The config: typed schemas for every config group, and the checks types cannot express.
+"""The config: typed schemas, ``_target_`` resolution, and the checks types cannot express.
+
+- ``schema``: the dataclasses Hydra validates the shipped options against;
+- ``targets``: how a ``_target_`` mapping is resolved and called, with errors naming the key;
+- ``checks``: :func:`validate`, ranges and cross-field rules.
 
 Nothing here imports TensorFlow, so a bad command line fails in well under a second.
-``schema`` holds the dataclasses Hydra validates against and :func:`validate`.
 """
 
 from tfharness.config.schema import (  # noqa: F401
@@ -43,9 +46,9 @@ from tfharness.config.schema import (  # noqa: F401
     TfdsSplitsConfig,
     TrackingConfig,
     TrainerConfig,
-    check_selector_syntax,
     flatten,
     register_configs,
+    option_config,
     to_typed,
-    validate,
 )
+from tfharness.config.checks import check_selector_syntax, validate  # noqa: F401,E402

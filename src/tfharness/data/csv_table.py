@@ -18,8 +18,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from tfharness.config import CsvDataConfig
+from tfharness.config import CsvDataConfig, option_config
 from tfharness.data import records
+from tfharness.data.split import Split, numpy_only, split_arrays
 from tfharness.errors import DataError
 
 log = logging.getLogger("tfharness")
@@ -171,23 +172,21 @@ class CsvData:
 
     columns: List[str]
     tables: Dict[str, Table]
-    splits: Dict[str, object]  # phase -> tfharness.data.Split
+    splits: Dict[str, Split]
     description: records.DataDescription
 
 
 def load(cfg: CsvDataConfig) -> CsvData:
-    from tfharness.data.arrays import split_arrays
-
     pretrain, columns = read_table("data.path", cfg.path, cfg)
     tables = {"pretrain": pretrain}
     tables["finetune"] = (read_table("data.finetune_path", cfg.finetune_path, cfg, columns)[0]
                           if cfg.finetune_path is not None else pretrain)
     splits = {}
     description = records.DataDescription()
-    schema = None
     for offset, (phase, table) in enumerate(tables.items()):
-        splits[phase] = split_arrays(table.x, table.y, cfg, len(table.class_names),
-                                     seed_offset=offset)
+        splits[phase] = split_arrays(table.x, table.y, cfg.val_fraction, cfg.test_fraction,
+                                     cfg.seed + offset, len(table.class_names),
+                                     class_names=list(table.class_names))
         description.class_names[phase] = list(table.class_names)
         schema = records.column_schema(columns, cfg.label_column, table.label_type)
         for split in ("train", "val", "test"):
@@ -201,6 +200,22 @@ def load(cfg: CsvDataConfig) -> CsvData:
         "csv", columns, cfg.label_column, cfg.seed, cfg.val_fraction, cfg.test_fraction,
         pretrain.digest, tables["finetune"].digest)
     return CsvData(columns=columns, tables=tables, splits=splits, description=description)
+
+
+@numpy_only
+def csv(**options) -> Dict[str, Split]:
+    """The ``data=csv`` factory: both phases as split arrays, with class names, MLflow dataset
+    records and (``normalize``) a ``Normalization`` layer adapted on the pretraining split's
+    training rows for the front of the model (it then takes raw feature values)."""
+    cfg = option_config(CsvDataConfig, options, "data")
+    data = load(cfg)
+    for phase, split in data.splits.items():
+        split.mlflow_datasets = {part: data.description.splits[f"{phase}/{part}"]
+                                 for part in ("train", "val", "test")}
+    if cfg.normalize:
+        train_x = data.splits["pretrain"].train[0]
+        data.splits["pretrain"].preprocessing = lambda: [normalization(train_x)]
+    return dict(data.splits)
 
 
 def normalization(train_x: np.ndarray):

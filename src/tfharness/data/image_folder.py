@@ -20,8 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfharness.config import AugmentConfig, ImageFolderDataConfig
+from tfharness.config import AugmentConfig, ImageFolderDataConfig, option_config
 from tfharness.data import records
+from tfharness.data.split import Split
 from tfharness.errors import DataError
 
 log = logging.getLogger("tfharness")
@@ -281,3 +282,29 @@ def datasets(cfg: ImageFolderDataConfig, phases: Dict[str, PhaseFiles], seed: in
 
 def steps(count: int, batch_size: int) -> int:
     return math.ceil(count / batch_size)
+
+
+def rescaling():
+    import keras
+
+    return [keras.layers.Rescaling(1 / 255, name="rescale")]
+
+
+def image_folder(**options) -> Dict[str, Split]:
+    """The ``data=image_folder`` factory: each phase's train, val and test batches streamed
+    from its folders, with class names, MLflow dataset records and, with ``rescale``, a
+    ``Rescaling(1/255)`` layer for the front of the model (it then takes raw pixels)."""
+    cfg = option_config(ImageFolderDataConfig, options, "data")
+    phases = index_data(cfg)
+    description = describe(cfg, phases)
+    streams = datasets(cfg, phases, seed=cfg.seed)
+    out = {}
+    for phase, files in phases.items():
+        out[phase] = Split(
+            train=streams[phase]["train"], val=streams[phase]["val"],
+            test=streams[phase]["test"], num_classes=len(files.class_names),
+            class_names=list(files.class_names),
+            mlflow_datasets={split: description.splits[f"{phase}/{split}"]
+                             for split in ("train", "val", "test")},
+            preprocessing=rescaling if cfg.rescale is not False else None)
+    return out

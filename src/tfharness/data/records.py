@@ -29,6 +29,8 @@ import numpy as np
 # Up to this many bytes in all, files are digested by their content; beyond, by path, size and
 # modification time (reading gigabytes of images to name them would cost more than training).
 CONTENT_HASH_LIMIT = 256 * 2 ** 20
+# Rows hashed from a large array (beyond a quarter of CONTENT_HASH_LIMIT).
+SAMPLED_ROWS = 10_000
 # MLflow's dataset digest column holds 36 characters; 16 hex digits (64 bits) name a data set.
 MLFLOW_DIGEST_CHARS = 16
 CONTEXTS = ("pretrain", "finetune", "test")
@@ -80,12 +82,15 @@ def file_digest(path: Path) -> str:
 
 
 def arrays_digest(*arrays: np.ndarray) -> str:
-    """Digest of arrays by dtype, shape and bytes."""
+    """Digest of arrays by dtype, shape and bytes; of a large array, by its shape and rows
+    sampled evenly through it (``SAMPLED_ROWS``), as MLflow's own NumPy datasets are."""
     digest = hashlib.sha256(b"arrays\0")
     for array in arrays:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
         digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
+        if array.nbytes > CONTENT_HASH_LIMIT // 4 and len(array) > SAMPLED_ROWS:
+            array = array[np.linspace(0, len(array) - 1, SAMPLED_ROWS).astype(np.int64)]
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     return digest.hexdigest()
 
 
@@ -210,3 +215,52 @@ def files_under(root: Path) -> Iterable[Path]:
     for folder, _, names in sorted(os.walk(root, followlinks=True)):
         for name in sorted(names):
             yield Path(folder) / name
+
+
+def part_record(part, *, label: str, source: tuple, base: str, class_names: Sequence[str]
+                ) -> "DatasetRecord":
+    """The record of a part the source did not describe: arrays by their content, a dataset by
+    what made it (``base``: the digest of the data option) and its element spec."""
+    if part is None:
+        rows, shape, dtype, digest = 0, [], "float32", sha256_of(base, "empty")
+    elif hasattr(part, "element_spec"):
+        spec = part.element_spec[0]
+        rows, digest = None, sha256_of(base, str(part.element_spec))
+        shape, dtype = list(spec.shape)[1:], spec.dtype.name
+    else:
+        x, y = part[0], part[1]
+        rows, digest = len(x), arrays_digest(x, y)
+        shape, dtype = list(np.asarray(x).shape[1:]), np.asarray(x).dtype.name
+    return split_record(label=label, base_digest=digest, selection=None, source=source,
+                        schema=tensor_schema(shape, dtype), rows=rows, class_names=class_names)
+
+
+def describe_bundle(bundle, options: Dict, target: Optional[str]) -> DataDescription:
+    """What a run records about its data (:class:`DataDescription`): each phase's class names
+    and a record per part, the source's own where it gave one (``Split.mlflow_datasets``).
+
+    ``options``: the data option's keys (its ``path`` or ``pretrain_dir`` names the source on
+    disk; otherwise the ``_target_`` is the source, as code).
+    """
+    name = str(options.get("name") or target or "data")
+    on_disk = options.get("path") or options.get("pretrain_dir")
+    source = local_source(on_disk) if on_disk else code_source(str(target or name))
+    base = sha256_of(target, {k: v for k, v in options.items() if not k.startswith("_")})
+    description = DataDescription()
+    for phase in ("pretrain", "finetune"):
+        split = getattr(bundle, phase)
+        names = [str(n) for n in (split.class_names or index_names(split.num_classes))]
+        description.class_names[phase] = names
+        given = split.mlflow_datasets or {}
+        for part in ("train", "val", "test"):
+            record = given.get(part)
+            if record is None:
+                record = part_record(getattr(split, part), label=f"{name}/{phase}/{part}",
+                                     source=source, base=base, class_names=names)
+            elif isinstance(record, dict):
+                record = DatasetRecord(**{"context": "", **record})
+            description.splits[f"{phase}/{part}"] = record
+    description.digest = sha256_of("data", sorted(
+        (key, r.name, r.digest) for key, r in description.splits.items()),
+        description.class_names)
+    return description

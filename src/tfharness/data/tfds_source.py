@@ -16,8 +16,9 @@ from typing import Dict, List
 
 import numpy as np
 
-from tfharness.config import TfdsDataConfig
+from tfharness.config import TfdsDataConfig, option_config
 from tfharness.data import records
+from tfharness.data.split import Split
 from tfharness.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -196,4 +197,23 @@ def load(cfg: TfdsDataConfig, seed: int) -> TfdsData:
     out.description.class_names = dict(out.class_names)
     out.description.digest = records.sha256_of(
         "tfds", builder.info.full_name, {p: r.digest for p, r in out.description.splits.items()})
+    return out
+
+
+def tfds(**options) -> Dict[str, Split]:
+    """The ``data=tfds`` factory: each phase's batches, class names and MLflow dataset records,
+    and for images (with ``rescale``) a ``Rescaling(1/255)`` layer for the front of the model."""
+    from tfharness.data.image_folder import rescaling
+
+    cfg = option_config(TfdsDataConfig, options, "data")
+    data = load(cfg, seed=cfg.seed)
+    out = {}
+    for phase in ("pretrain", "finetune"):
+        parts = data.datasets[phase]
+        out[phase] = Split(
+            train=parts["train"], val=parts["val"], test=parts["test"],
+            num_classes=len(data.class_names[phase]), class_names=data.class_names[phase],
+            mlflow_datasets={part: data.description.splits[f"{phase}/{part}"]
+                             for part in SPLITS},
+            preprocessing=rescaling if data.is_image and cfg.rescale is not False else None)
     return out

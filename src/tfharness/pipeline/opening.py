@@ -10,6 +10,8 @@ from tfharness import sources as sources_lib
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import flatten
+from tfharness.config.targets import option_name
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
 
 log = logging.getLogger("tfharness")
@@ -18,11 +20,11 @@ log = logging.getLogger("tfharness")
 def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str, str]) -> None:
     """Starts (or, resuming, reopens) the MLflow run with the config as params."""
     cfg, source = ctx.cfg, ctx.source
-    ctx.run_name = (cfg.tracking.run_name or ",".join(ctx.overrides)
-                    or f"{cfg.data.name}-{cfg.model.name}")
+    data_name, model_name = option_name(cfg.data), option_name(cfg.model)
+    ctx.run_name = cfg.tracking.run_name or ",".join(ctx.overrides) or f"{data_name}-{model_name}"
     # With a source, the model group played no part: the tag says what the model came from.
-    model_tag = cfg.model.name if source is None else f"source:{source.kind}"
-    tags = tracking.run_tags(cfg.data.name, model_tag, {
+    model_tag = model_name if source is None else f"source:{source.kind}"
+    tags = tracking.run_tags(data_name, model_tag, {
         "save_format": cfg.save_format.name, "finetune": cfg.finetune.name,
         "replicas": str(ctx.strategy.num_replicas_in_sync),
         "tfharness.config_hash": ctx.config_hash, **extra_tags,
@@ -41,6 +43,7 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     tracker.start(ctx.run_name, params, tags,
                   resume_run_id=resumed.run_id if same_store and tracker.run_id is None
                   and cfg.tracking.name != "off" else None)
+    data_record.log_data(ctx)
 
 
 def end_abandoned_runs(ctx: RunContext) -> None:

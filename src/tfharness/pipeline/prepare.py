@@ -23,7 +23,7 @@ from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.artifacts import serialization
 from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError
-from tfharness.pipeline import distribute
+from tfharness.pipeline import data_record, distribute
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.roundtrip import probe_batch
 
@@ -69,9 +69,11 @@ def import_tensorflow_meanwhile() -> Optional[threading.Thread]:
 
 
 def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequence[str],
-            resolved_yaml: Optional[str]) -> RunContext:
+            resolved_yaml: Optional[str], importer: Optional[threading.Thread]) -> RunContext:
     """Loads the data, builds or loads the model and plans the fine-tuning; opens no run."""
-    bundle = data_lib.load_data(cfg.data)
+    data_record.resolve_auto_keys(cfg)
+    bundle, description, data_seconds = data_record.load(cfg, lambda: data_lib.load_data(
+        cfg.data, importer.join if importer is not None else None))
     if cfg.source.name == "scratch":
         check_classes(cfg, bundle)
     probe = probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
@@ -81,11 +83,28 @@ def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequ
     # TensorFlow is used from here on (waiting for its import, if that is still going).
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     strategy = make_strategy(cfg)
+    check_training_parts(cfg)
     model, source = build_or_load(cfg, bundle, strategy, probe)
     return RunContext(cfg=cfg, tracker=tracker, data=bundle, probe=probe, strategy=strategy,
                       model=model, source=source, frozen_by_stage=plan_freezes(cfg, model),
                       config_hash=cfg_hash, resumed=resumed, overrides=list(overrides),
-                      resolved_yaml=resolved_yaml)
+                      resolved_yaml=resolved_yaml, description=description,
+                      data_seconds=data_seconds)
+
+
+def check_training_parts(cfg: HarnessConfig) -> None:
+    """Builds every optimizer, loss, metric and callback the run will use once, so a bad
+    ``_target_`` (or arguments it rejects) stops the run before it opens."""
+    trainer, ft = cfg.trainer, cfg.finetune
+    model_lib.make_optimizer(trainer.optimizer, trainer.learning_rate, "trainer.optimizer")
+    model_lib.make_loss(trainer.loss)
+    model_lib.make_metrics(trainer.metrics)
+    model_lib.make_callbacks(trainer.callbacks, "trainer.callbacks")
+    if ft.enabled:
+        if ft.optimizer is not None:
+            model_lib.make_optimizer(ft.optimizer, ft.learning_rate, "finetune.optimizer")
+        if ft.callbacks is not None:
+            model_lib.make_callbacks(ft.callbacks, "finetune.callbacks")
 
 
 def check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle,
@@ -157,8 +176,10 @@ def build_or_load(cfg: HarnessConfig, bundle: data_lib.DataBundle, strategy, pro
     """The model to start from and the loaded source (None when built from scratch)."""
     if cfg.source.name == "scratch":
         with strategy.scope():
-            return model_lib.build_model(cfg.model, bundle.input_shape,
-                                         bundle.pretrain.num_classes), None
+            model = model_lib.build_model(cfg.model, bundle.input_shape,
+                                          bundle.pretrain.num_classes)
+            # The data's own preprocessing (normalization, pixel scaling) goes inside the model.
+            return data_record.with_preprocessing(model, bundle.pretrain), None
     # Loaded, checked and verified before any run is opened: a bad source leaves no run.
     # Outside the strategy's scope, like every reload (see make_strategy).
     source = sources_lib.load_source(

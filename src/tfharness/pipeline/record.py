@@ -15,6 +15,7 @@ from tfharness import tracking
 from tfharness.artifacts import integrity, serialization
 from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError, HarnessError
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.roundtrip import probe_batch
 from tfharness.pipeline.train import evaluate
@@ -65,7 +66,7 @@ def layer_report(ctx: RunContext, final_model) -> None:
     report_file = Path(ctx.cfg.output_dir) / REPORT_MARKDOWN
     if not ctx.ckpt.done("report"):
         markdown = (tracking.markdown_table(result.report)
-                    + sources_lib.block_report(final_model))
+                    + sources_lib.block_report(final_model) + data_record.classes_markdown(ctx))
         serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
         texts = {**ctx.ckpt.state.values.get("texts", {}), REPORT_MARKDOWN: markdown}
         ctx.ckpt.complete("report", texts=texts, report_rows=result.report)
@@ -78,7 +79,7 @@ def test_metrics(ctx: RunContext, final_model, final_split) -> None:
     """Step 7: the final model on the held-out test split, as ``test/*``."""
     if ctx.ckpt.done("test"):
         return
-    test = evaluate(final_model, final_split, ctx.cfg.trainer.batch_size)
+    test = evaluate(ctx.cfg, final_model, final_split)
     test = {f"test/{k}": v for k, v in test.items()}
     ctx.ckpt.complete("test", test, 0)
     ctx.tracker.log_metrics(test)
@@ -148,7 +149,7 @@ def deliver_missing(ctx: RunContext) -> None:
 
 
 def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
-                 cfg: HarnessConfig) -> None:
+                 cfg: HarnessConfig, classes: str = "") -> None:
     """The trainable-layer table and every result, printed at the end of a run."""
     from rich.console import Console
     from rich.table import Table
@@ -164,6 +165,8 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
         for row in rows:
             table.add_row(*(tracking.format_cell(row[c]) for c in row))
         console.print(table)
+    if classes:
+        console.print(classes.strip())
     summary = Table(title="Results")
     summary.add_column("metric")
     summary.add_column("value", justify="right")

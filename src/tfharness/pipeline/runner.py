@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
-from tfharness.pipeline import opening, prepare, record, roundtrip, train
+from tfharness.pipeline import data_record, opening, prepare, record, roundtrip, train
 from tfharness.pipeline.context import RunContext, RunResult
 from tfharness.pipeline.ending import run_ending
 
@@ -53,7 +53,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     tracker = tracking.make_tracker(cfg.tracking)
     importer = prepare.import_tensorflow_meanwhile()
     with run_ending(tracker, importer) as ending:
-        ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml)
+        ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml,
+                              importer)
         opening.open_run(ctx, parent_run_id, tags or {})
         opening.end_abandoned_runs(ctx)
         ending.ckpt = ctx.ckpt = opening.open_checkpoints(ctx)
@@ -71,7 +72,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     result.model_uris.update(tracker.model_uris)
     result.registered_versions.update(tracker.registered_versions)
     if cfg.print_report:
-        record.print_report(result.report, result.metrics, result.run_id, cfg)
+        record.print_report(result.report, result.metrics, result.run_id, cfg,
+                            data_record.classes_markdown(ctx))
     return result
 
 

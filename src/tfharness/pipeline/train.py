@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 from tfharness import data as data_lib
@@ -12,37 +13,57 @@ from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import sources as sources_lib
 from tfharness.artifacts import checkpoint as ckpt_lib
+from tfharness.config import HarnessConfig
 from tfharness.pipeline import distribute
 from tfharness.pipeline.context import RunContext
 
 log = logging.getLogger("tfharness")
 
 
-def fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int,
-        callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> tuple:
-    """Trains epochs ``initial_epoch..epochs-1``; returns (wall time and throughput of ``fit``,
-    the last epoch's metrics).
+@dataclass
+class Fitted:
+    """What one ``fit`` call did."""
 
-    Epoch ``e`` is shuffled by ``(seed, e)`` alone, so a run resumed at ``e`` trains on the same
-    batches as one that was never interrupted.
+    # train_seconds and samples_per_second ({} when there was nothing left to train).
+    speed: Dict[str, float] = field(default_factory=dict)
+    # The last epoch's metrics as Keras reported them.
+    last_epoch: Dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    # Epochs trained by this call.
+    epochs: int = 0
+    # A callback (EarlyStopping) stopped training before the last planned epoch.
+    stopped: bool = False
+
+
+def fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int,
+        callbacks: Sequence, verbose: int, initial_epoch: int = 0) -> Fitted:
+    """Trains epochs ``initial_epoch..epochs-1`` (fewer if a callback stops training).
+
+    Array epoch ``e`` is shuffled by ``(seed, e)`` alone, so a run resumed at ``e`` trains on the
+    same batches as one that was never interrupted; a dataset part is iterated as it is.
     """
     todo = epochs - initial_epoch
     if todo <= 0:
-        return {}, {}
-    train = data_lib.make_dataset(split.train, batch_size, shuffle=True, seed=seed,
-                                  epochs=(initial_epoch, epochs))
-    val = (data_lib.make_dataset(split.val, batch_size, shuffle=False, seed=seed,
-                                 pad_to_multiple=replicas(model))
-           if len(split.val[0]) else None)
+        return Fitted()
+    train, steps = data_lib.fit_input(split.train, batch_size, shuffle=True, seed=seed,
+                                      epochs=(initial_epoch, epochs))
+    counter = None
+    if steps is None:
+        train, counter = data_lib.counting(train)
+    val = (data_lib.fit_input(split.val, batch_size, shuffle=False, seed=seed,
+                              pad_to_multiple=replicas(model))[0]
+           if data_lib.has_samples(split.val) else None)
     start = time.perf_counter()
     history = model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
-                        steps_per_epoch=data_lib.steps_per_epoch(split.train, batch_size),
-                        callbacks=list(callbacks), verbose=verbose,
+                        steps_per_epoch=steps, callbacks=list(callbacks), verbose=verbose,
                         shuffle=False)  # the tf.data pipeline already shuffles, seeded
     seconds = time.perf_counter() - start
     last = {k: float(v[-1]) for k, v in history.history.items() if v}
-    return ({"train_seconds": seconds,
-             "samples_per_second": len(split.train[0]) * todo / seconds}, last)
+    # Epochs actually trained: fewer than planned when a callback stopped training.
+    samples = (int(counter.numpy()) if counter is not None
+               else data_lib.num_samples(split.train) * len(history.epoch))
+    return Fitted({"train_seconds": seconds, "samples_per_second": samples / seconds}, last,
+                  samples, epochs=len(history.epoch), stopped=len(history.epoch) < todo)
 
 
 def replicas(model) -> int:
@@ -50,47 +71,84 @@ def replicas(model) -> int:
     return model.distribute_strategy.num_replicas_in_sync
 
 
-def evaluate(model, split: data_lib.Split, batch_size: int) -> Dict[str, float]:
+def compile_for(cfg: HarnessConfig, model, optimizer, learning_rate: float,
+                optimizer_key: str = "trainer.optimizer") -> None:
+    """Compiles with the trainer's loss and metrics."""
+    model_lib.compile_model(model, optimizer, learning_rate, cfg.trainer.loss,
+                            cfg.trainer.metrics, optimizer_key)
+
+
+def evaluate(cfg: HarnessConfig, model, split: data_lib.Split) -> Dict[str, float]:
     """The model's loss and metrics on the split's test part ({} when it has none)."""
-    if not len(split.test[0]):
+    if not data_lib.has_samples(split.test):
         return {}
     if not model.compiled:
         # A model straight from disk has no loss or metrics yet; the optimizer is irrelevant here.
-        model_lib.compile_model(model, "sgd", 0.0)
-    test = data_lib.make_dataset(split.test, batch_size, shuffle=False, seed=0,
-                                 pad_to_multiple=replicas(model))
+        compile_for(cfg, model, "sgd", 0.0)
+    test = data_lib.fit_input(split.test, cfg.trainer.batch_size, shuffle=False, seed=0,
+                              pad_to_multiple=replicas(model))[0]
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
+
+
+def _restore(ctx: RunContext, model, phase: str) -> int:
+    """Loads ``phase``'s last checkpoint into ``model``; returns the epochs already done."""
+    ckpt = ctx.ckpt
+    with ctx.strategy.scope():
+        done = ckpt.restore(model, phase)
+    if done == 0 and phase.startswith("finetune") and ckpt.state.checkpoint and \
+            ckpt.state.checkpoint.startswith("finetune"):
+        # Resumed before this stage's first epoch ended: start from the previous stage's end.
+        ckpt.load_newest_weights(model)
+    return done
+
+
+def _train_phase(ctx: RunContext, model, split: data_lib.Split, *, phase: str, prefix: str,
+                 done: int, epochs: int, batch_size: int, seed: int, callbacks: tuple,
+                 step_offset: int, label: str) -> Fitted:
+    """Trains the rest of ``phase``'s epochs with the configured callbacks, then the
+    checkpoint callback (it records a stop they asked for)."""
+    ckpt = ctx.ckpt
+    specs, key = callbacks
+    fitted = fit(model, split, epochs=epochs, batch_size=batch_size, seed=seed,
+                 verbose=ctx.cfg.trainer.verbose, initial_epoch=done,
+                 callbacks=[*model_lib.make_callbacks(specs, key),
+                            ckpt_lib.epoch_checkpointer(ckpt, ctx.tracker, phase, prefix,
+                                                        step_offset=step_offset, label=label,
+                                                        end_epoch=epochs)])
+    if fitted.stopped:
+        # EarlyStopping's restore_best_weights sets the weights only at the end of fit: the
+        # checkpoint of the phase's end holds the model as fit left it.
+        ckpt.save_epoch(model, phase, ckpt.state.phase_epochs(phase), {}, step_offset)
+        log.info("%s: stopped by a callback after epoch %d of %d", label,
+                 done + fitted.epochs, epochs)
+    return fitted
 
 
 def pretrain(ctx: RunContext) -> None:
     """Pretrains from the last completed epoch (all of them in a new run), then evaluates."""
     cfg, ckpt, model, tracker = ctx.cfg, ctx.ckpt, ctx.model, ctx.tracker
-    split = ctx.data.pretrain
+    split, trainer = ctx.data.pretrain, cfg.trainer
     with ctx.strategy.scope():
-        model_lib.compile_model(model, cfg.trainer.optimizer, cfg.trainer.learning_rate)
+        compile_for(cfg, model, trainer.optimizer, trainer.learning_rate)
     if ckpt.done("saved:pretrained"):
         return
-    with ctx.strategy.scope():
-        done = ckpt.restore(model, "pretrain")
-    speed, last_epoch = fit(model, split, epochs=cfg.trainer.epochs,
-                            batch_size=cfg.trainer.batch_size, seed=cfg.trainer.seed,
-                            verbose=cfg.trainer.verbose, initial_epoch=done,
-                            callbacks=[ckpt_lib.epoch_checkpointer(ckpt, tracker, "pretrain",
-                                                                   "pretrain",
-                                                                   label="pretraining")])
+    fitted = _train_phase(ctx, model, split, phase="pretrain", prefix="pretrain",
+                          done=_restore(ctx, model, "pretrain"), epochs=trainer.epochs, batch_size=trainer.batch_size,
+                          seed=trainer.seed, callbacks=(trainer.callbacks, "trainer.callbacks"),
+                          step_offset=0, label="pretraining")
     # The last epoch's values, for callers comparing runs (sweep objectives); the histories
     # themselves are in MLflow.
-    ctx.result.metrics.update({f"pretrain/{k}": v for k, v in last_epoch.items()})
+    ctx.result.metrics.update({f"pretrain/{k}": v for k, v in fitted.last_epoch.items()})
     if ckpt.done("pretrain-test"):
         return
-    pretrain_test = evaluate(model, split, cfg.trainer.batch_size)
+    pretrain_test = evaluate(cfg, model, split)
     measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
-                **{f"pretrain/{k}": v for k, v in speed.items()}}
-    ckpt.complete("pretrain-test", measured, cfg.trainer.epochs)
-    tracker.log_metrics(measured, step=cfg.trainer.epochs)
+                **{f"pretrain/{k}": v for k, v in fitted.speed.items()}}
+    ckpt.complete("pretrain-test", measured, trainer.epochs)
+    tracker.log_metrics(measured, step=trainer.epochs)
     ctx.result.metrics.update(measured)
-    log.info("pretrain: %d epochs on %d samples, test accuracy %.4f", cfg.trainer.epochs,
-             len(split.train[0]), pretrain_test.get("accuracy", float("nan")))
+    log.info("pretrain: %d epochs, test accuracy %.4f", trainer.epochs,
+             pretrain_test.get("accuracy", float("nan")))
 
 
 def finetune(ctx: RunContext, pretrained):
@@ -153,32 +211,28 @@ def _finetune_stage(ctx: RunContext, model, index: int, stage, frozen: set,
     ft_lib.apply_freeze(model, frozen)
     # A new compile is what makes the trainable flags above take effect.
     with ctx.strategy.scope():
-        model_lib.compile_model(model, ft.optimizer or cfg.trainer.optimizer,
-                                stage.learning_rate)
-        done = ckpt.restore(model, phase)
-    if done == 0 and ckpt.state.checkpoint and ckpt.state.checkpoint.startswith("finetune"):
-        # Resumed before this stage's first epoch ended: start from the previous stage's end.
-        ckpt.load_newest_weights(model)
+        compile_for(cfg, model, ft.optimizer or cfg.trainer.optimizer, stage.learning_rate,
+                    "finetune.optimizer" if ft.optimizer else "trainer.optimizer")
+    done = _restore(ctx, model, phase)
     before = ckpt.load_arrays(f"stage-{index}-before") if done else None
     if before is None:
         before = ft_lib.snapshot(model)
         ckpt.save_arrays(f"stage-{index}-before", before)
-    split = ctx.data.finetune
-    speed, stage_last = fit(
-        model, split, epochs=stage.epochs, batch_size=ft.batch_size or cfg.trainer.batch_size,
-        seed=cfg.trainer.seed + 1 + index, verbose=cfg.trainer.verbose, initial_epoch=done,
-        callbacks=[ckpt_lib.epoch_checkpointer(ckpt, ctx.tracker, phase, "finetune",
-                                               step_offset=totals["epochs_done"],
-                                               label=f"fine-tune stage '{stage.name}'")])
-    totals["last_epoch"] = stage_last or totals["last_epoch"]
-    totals["seconds"] += speed.get("train_seconds", 0.0)
-    totals["samples"] += len(split.train[0]) * (stage.epochs - done)
+    fitted = _train_phase(
+        ctx, model, ctx.data.finetune, phase=phase, prefix="finetune", done=done,
+        epochs=stage.epochs,
+        batch_size=ft.batch_size or cfg.trainer.batch_size, seed=cfg.trainer.seed + 1 + index,
+        callbacks=model_lib.finetune_specs(cfg.trainer.callbacks, ft.callbacks),
+        step_offset=totals["epochs_done"], label=f"fine-tune stage '{stage.name}'")
+    totals["last_epoch"] = fitted.last_epoch or totals["last_epoch"]
+    totals["seconds"] += fitted.speed.get("train_seconds", 0.0)
+    totals["samples"] += fitted.samples
     report = ft_lib.stage_report(model, stage.name, frozen, before, ft_lib.snapshot(model))
     measured = {
         "finetune/trainable_params": report.trainable_params,
         "finetune/frozen_params": report.frozen_params,
         "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
-        **{f"finetune/{k}": v for k, v in speed.items()},
+        **{f"finetune/{k}": v for k, v in fitted.speed.items()},
     }
     ckpt.complete(milestone, measured, index, **{milestone: dataclasses.asdict(report)})
     ctx.tracker.log_metrics(measured, step=index)
