@@ -219,9 +219,13 @@ def csv(**options) -> Dict[str, Split]:
 
 
 def normalization(train_x: np.ndarray):
-    """A Keras ``Normalization`` layer adapted on ``train_x`` (the training split's features)."""
+    """A Keras ``Normalization`` layer holding the mean and variance of ``train_x`` (the
+    training split's features): what ``adapt`` computes, given to the layer as its ``mean``
+    and ``variance``. Adapted statistics live in variables that tfharness' SavedModel rebuild
+    (architecture from JSON, weights by path) does not restore; given ones are part of the
+    layer's config, so every save format reloads them exactly."""
     import keras
 
-    layer = keras.layers.Normalization(axis=-1, name="normalize")
-    layer.adapt(train_x)
-    return layer
+    return keras.layers.Normalization(mean=train_x.mean(axis=0, dtype=np.float64),
+                                      variance=train_x.var(axis=0, dtype=np.float64),
+                                      name="normalize")
