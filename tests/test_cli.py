@@ -34,7 +34,7 @@ def test_help_and_cfg_job_answer_without_tensorflow(tmp_path):
     start = time.perf_counter()
     help_out = tfharness("--help", cwd=tmp_path)
     assert help_out.returncode == 0
-    assert "data: digits, npz, synthetic" in help_out.stdout
+    assert "data: csv, digits, image_folder, npz, synthetic, tfds" in help_out.stdout
     assert "experiment: seed_example1, seed_example2, seed_example3, transfer_digits" in help_out.stdout
     job = tfharness("--cfg", "job", "finetune.freeze=[0]", "model=cnn", cwd=tmp_path, module=True)
     assert job.returncode == 0, job.stderr
