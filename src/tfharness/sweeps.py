@@ -249,6 +249,32 @@ def print_trials(summary: SweepSummary, swept: List[str]) -> None:
         console.print(f"[red]{summary.failed} trial(s) failed[/red]")
 
 
+def prune_search_space(config: DictConfig) -> List[str]:
+    """Drops keys of ``hydra.sweeper.params`` that the composed config does not have.
+
+    The packaged search (``hparams_search=optuna``) covers ``model.units``; a model without
+    that key (``cnn``, a user's builder) is searched over the rest, and over whatever the
+    command line adds (``model.width=8,16``). Runs before the sweeper is created from the
+    config. Returns the keys dropped.
+    """
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    if not isinstance(params, DictConfig):
+        return []
+    def present(key: str) -> bool:
+        parent_key, _, leaf = key.lstrip("+~").rpartition(".")
+        parent = OmegaConf.select(config, parent_key) if parent_key else config
+        return isinstance(parent, DictConfig) and leaf in parent
+
+    dropped = [key for key in params if not present(str(key))]
+    if dropped:
+        with flag_override(config, ["readonly", "struct"], [False, False]):
+            for key in dropped:
+                del params[key]
+        log.warning("Sweep: %s left the search: the config has no such key",
+                    ", ".join(dropped))
+    return dropped
+
+
 class SweepCallback(Callback):
     """Hydra callback: the MLflow parent run of a sweep (see the module docstring)."""
 
@@ -266,6 +292,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global ACTIVE
         ACTIVE = self
+        prune_search_space(config)
         if config.tracking.name == "off":
             return
         try:
