@@ -16,6 +16,7 @@ Run by ``scripts/bench --only images|csv|data``; replaces the "Data sources" sec
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -123,6 +124,10 @@ def images(root: Path, repeats: int, timed, prepare_store) -> dict:
                       for way, runs in samples.items()}
     scaling = {}
     for count, folder in folders.items():
+        if count == big:
+            # Already measured above, on the same folder and command.
+            scaling[count] = out["cnn"]["harness"]["total_rss_mib"]
+            continue
         runs = [timed(harness_images(folder, models["cnn"], uri), root) for _ in range(repeats)]
         scaling[count] = statistics.median(r["total_rss_mib"] for r in runs)
         print(f"  images harness on {count} images: {scaling[count]:.0f} MiB", flush=True)
@@ -180,10 +185,14 @@ def csv(root: Path, repeats: int, timed, prepare_store) -> dict:
 
 
 def section(image_results: dict | None, csv_results: dict | None, repeats: int,
-            verdict) -> list:
+            verdict, load: tuple = ()) -> list:
+    busy = (f" The machine was shared: 1-minute load average {load[0]:.1f} before and "
+            f"{load[1]:.1f} after, on {os.cpu_count()} cores; alternating the ways spreads "
+            f"that over both." if load else "")
     lines = [SECTION, "",
              f"Median of {repeats} alternated runs each; wall is the whole process, start to "
-             f"exit; peak memory is the sum of the peak RSS of the process and its helpers."]
+             f"exit; peak memory is the sum of the peak RSS of the process and its helpers."
+             + busy]
     if image_results:
         work = IMAGES
         lines += ["", f"Images: {image_results['images']} generated JPEGs ({work['classes']} "
