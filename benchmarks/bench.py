@@ -8,7 +8,7 @@ matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job
 process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
-Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|surgery|default|large|mobilenet]
+Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|surgery|default|large|mobilenet|images|csv|data]
 """
 
 from __future__ import annotations
@@ -451,6 +451,27 @@ def write_section(output: Path, lines: list) -> None:
     output.write_text(head + "\n".join(lines) + ("\n\n" + tail if tail else "\n"))
 
 
+DATA_WORKLOADS = ("images", "csv", "data")
+
+
+def run_data_workloads(which: str, root: Path, repeats: int, output: Path) -> None:
+    """The data-source workloads of ``data_bench.py``; replaces their section in ``output``
+    (with ``images`` or ``csv`` alone, the section holds that workload only)."""
+    sys.path.insert(0, str(HERE))
+    import data_bench
+
+    load_before = os.getloadavg()[0]
+    image_results = (data_bench.images(root, repeats, timed, prepare_store)
+                     if which in ("images", "data") else None)
+    csv_results = (data_bench.csv(root, repeats, timed, prepare_store)
+                   if which in ("csv", "data") else None)
+    lines = data_bench.section(image_results, csv_results, repeats, verdict,
+                               (load_before, os.getloadavg()[0]))
+    output.write_text(data_bench.replace_section(
+        output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
+    print("\n".join(lines))
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -480,14 +501,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
-    parser.add_argument("--only", choices=["save-formats", "surgery", *WORKLOADS],
-                        help="save-formats, surgery: run only that section and replace it in --output; "
-                             "a workload: compare on it only and print the medians (mobilenet: "
-                             "and replace its section)")
+    parser.add_argument("--only", choices=["save-formats", "surgery", *WORKLOADS,
+                                           *DATA_WORKLOADS],
+                        help="save-formats, surgery, images, csv or data (images and csv): run "
+                             "only that section and replace it in --output; a workload: compare "
+                             "on it only and print the medians (mobilenet: and replace its "
+                             "section)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
     root = Path(tempfile.mkdtemp(prefix="tfharness-bench-"))
+    if args.only in DATA_WORKLOADS:
+        run_data_workloads(args.only, root, repeats, Path(args.output))
+        return
     if args.only == "save-formats":
         lines = save_format_lines(save_formats(WORKLOADS["large"], root,
                                                1 if args.quick else SAVE_FORMAT_ROUNDS))

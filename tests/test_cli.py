@@ -45,7 +45,7 @@ def test_help_and_cfg_job_answer_without_tensorflow(tmp_path):
 
     help_out = watched("--help")
     assert help_out.returncode == 0, help_out.stderr
-    assert "data: digits, npz, synthetic" in help_out.stdout
+    assert "data: csv, digits, image_folder, npz, synthetic, tfds" in help_out.stdout
     assert "experiment: seed_example1, seed_example2, seed_example3, transfer_digits" in help_out.stdout
     job = watched("--cfg", "job", "finetune.freeze=[0]", "model=cnn")
     assert job.returncode == 0, job.stderr

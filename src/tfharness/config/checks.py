@@ -27,16 +27,20 @@ from tfharness.config.schema import (
     APPLICATION_POOLING,
     HEAD_POOLING,
     CnnConfig,
+    CsvDataConfig,
     DigitsDataConfig,
     HarnessConfig,
     KerasApplicationConfig,
+    ImageFolderDataConfig,
     MlflowSourceConfig,
     MlpConfig,
     ModelConfig,
     NpzDataConfig,
     PathSourceConfig,
     SyntheticDataConfig,
+    TfdsDataConfig,
 )
+from tfharness.config.data_checks import check_file_data
 from tfharness.config.targets import TARGET, is_target, options_of
 from tfharness.errors import ConfigError
 
@@ -115,6 +119,8 @@ def _check_data(cfg: HarnessConfig) -> None:
                    "an integer >= 10 (enough for train, validation and test splits)")
         for key in ("num_classes", "finetune_num_classes"):
             _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "an integer >= 1")
+    elif isinstance(data, (ImageFolderDataConfig, CsvDataConfig, TfdsDataConfig)):
+        check_file_data(data)
     elif isinstance(data, NpzDataConfig):
         _check(bool(data.path), "data.path", data.path, "the path of an existing .npz file")
         _check((data.finetune_x_key is None) == (data.finetune_y_key is None),

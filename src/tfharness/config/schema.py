@@ -90,6 +90,101 @@ class NpzDataConfig(DataConfig):
     finetune_y_key: Optional[str] = None
 
 
+@dataclass
+class AugmentConfig:
+    """Keras preprocessing layers applied to training batches only (0 or null: layer off)."""
+
+    # horizontal, vertical or horizontal_and_vertical (keras.layers.RandomFlip's modes).
+    flip: Optional[str] = None
+    # Fractions as the layers take them: rotation of a full turn, zoom and translation of the
+    # image size, contrast and brightness of the pixel range.
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+
+
+@dataclass
+class ImageFolderDataConfig(DataConfig):
+    """Folders laid out as ``keras.utils.image_dataset_from_directory`` reads them."""
+
+    _target_: str = "tfharness.data.image_folder.image_folder"
+    name: str = "image_folder"
+    # One sub-folder per class; the sub-folder names are the class names.
+    pretrain_dir: str = MISSING
+    # null: fine-tune on the pretraining folder.
+    finetune_dir: Optional[str] = None
+    # Held-out folders (same layout); null: cut val_fraction / test_fraction off the phase's folder.
+    pretrain_val_dir: Optional[str] = None
+    pretrain_test_dir: Optional[str] = None
+    finetune_val_dir: Optional[str] = None
+    finetune_test_dir: Optional[str] = None
+    image_size: List[int] = field(default_factory=lambda: [128, 128])
+    color_mode: str = "rgb"
+    interpolation: str = "bilinear"
+    # Batches of both phases (streamed data is batched by its reader).
+    batch_size: int = 32
+    # false, true (in memory after the first epoch) or a file path prefix for tf.data's cache.
+    cache: Any = False
+    prefetch: bool = True
+    # Scale pixels by 1/255 inside the model (a Rescaling layer), so it serves raw pixels.
+    # null: yes, unless model=keras_application (which preprocesses raw pixels itself).
+    rescale: Optional[bool] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class CsvDataConfig(DataConfig):
+    _target_: str = "tfharness.data.csv_table.csv"
+    name: str = "csv"
+    path: str = MISSING
+    # null: fine-tune on the same file.
+    finetune_path: Optional[str] = None
+    label_column: str = "label"
+    # null: every other numeric column.
+    feature_columns: Optional[List[str]] = None
+    delimiter: str = ","
+    # A Normalization layer adapted on the training split, first in the model.
+    normalize: bool = True
+
+
+@dataclass
+class TfdsSplitsConfig:
+    train: str = "train[:85%]"
+    val: str = "train[85%:]"
+    test: str = "test"
+
+
+@dataclass
+class TfdsDataConfig(DataConfig):
+    """A TensorFlow Datasets data set (``pip install tfharness[tfds]``)."""
+
+    _target_: str = "tfharness.data.tfds_source.tfds"
+    name: str = "tfds"
+    # A registered name, with a config or version if wanted: "mnist", "cifar10:3.0.2".
+    dataset: str = MISSING
+    data_dir: Optional[str] = None
+    # false: use only data already prepared in data_dir (no network).
+    download: bool = True
+    splits: TfdsSplitsConfig = field(default_factory=TfdsSplitsConfig)
+    # null: the same splits as pretraining.
+    finetune_splits: Optional[TfdsSplitsConfig] = None
+    # Label values each phase keeps, relabelled 0..n-1 (null: every class).
+    pretrain_classes: Optional[List[int]] = None
+    finetune_classes: Optional[List[int]] = None
+    # null: the data set's supervised keys (as_supervised=True).
+    feature_key: Optional[str] = None
+    label_key: Optional[str] = None
+    # Resize images to [height, width] (null: keep the data set's shape).
+    image_size: Optional[List[int]] = None
+    batch_size: int = 32
+    # Scale image pixels by 1/255 inside the model (ignored for non-image features); null: yes,
+    # unless model=keras_application (which preprocesses raw pixels itself).
+    rescale: Optional[bool] = None
+    shuffle_buffer: int = 10000
+
+
 # -------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
@@ -323,7 +418,8 @@ class HarnessConfig:
 
 
 GROUP_SCHEMAS = {
-    "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig},
+    "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig,
+             "image_folder": ImageFolderDataConfig, "csv": CsvDataConfig, "tfds": TfdsDataConfig},
     "model": {"mlp": MlpConfig, "cnn": CnnConfig,
               "keras_application": KerasApplicationConfig},
     "trainer": {"base": TrainerConfig},
@@ -383,3 +479,20 @@ def flatten(cfg: HarnessConfig) -> Dict[str, str]:
 
     walk("", dataclasses.asdict(cfg))
     return flat
+
+
+def option_config(schema: type, options: Dict[str, Any], key: str) -> Any:
+    """A shipped option's keys, as its factory receives them, typed by its ``schema`` (a user
+    may also name the factory from an option of their own, without the schema)."""
+    from omegaconf.errors import MissingMandatoryValue, ValidationError
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), options)
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{key}.{exc.full_key}", "???", "a value: this option needs it set"
+                          ) from None
+    except (ValidationError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(key, sorted(options), f"the keys of {schema.__name__} ({first})"
+                          ) from None

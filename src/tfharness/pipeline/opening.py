@@ -11,6 +11,7 @@ from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import flatten
 from tfharness.config.targets import option_name
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
 
 log = logging.getLogger("tfharness")
@@ -42,6 +43,7 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     tracker.start(ctx.run_name, params, tags,
                   resume_run_id=resumed.run_id if same_store and tracker.run_id is None
                   and cfg.tracking.name != "off" else None)
+    data_record.log_data(ctx)
 
 
 def end_abandoned_runs(ctx: RunContext) -> None:

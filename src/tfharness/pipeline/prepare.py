@@ -23,7 +23,7 @@ from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.artifacts import serialization
 from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError
-from tfharness.pipeline import distribute
+from tfharness.pipeline import data_record, distribute
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.roundtrip import probe_batch
 
@@ -81,7 +81,9 @@ def import_tensorflow_meanwhile() -> Optional[threading.Thread]:
 def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequence[str],
             resolved_yaml: Optional[str], importer: Optional[threading.Thread]) -> RunContext:
     """Loads the data, builds or loads the model and plans the fine-tuning; opens no run."""
-    bundle = data_lib.load_data(cfg.data, importer.join if importer is not None else None)
+    data_record.resolve_auto_keys(cfg)
+    bundle, description, data_seconds = data_record.load(cfg, lambda: data_lib.load_data(
+        cfg.data, importer.join if importer is not None else None))
     if cfg.source.name == "scratch":
         check_classes(cfg, bundle)
     probe = probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
@@ -97,7 +99,8 @@ def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequ
                       model=model, source=source,
                       frozen_by_stage=plan_freezes(cfg, model, source),
                       config_hash=cfg_hash, resumed=resumed, overrides=list(overrides),
-                      resolved_yaml=resolved_yaml)
+                      resolved_yaml=resolved_yaml, description=description,
+                      data_seconds=data_seconds)
 
 
 def check_training_parts(cfg: HarnessConfig) -> None:
@@ -184,8 +187,10 @@ def build_or_load(cfg: HarnessConfig, bundle: data_lib.DataBundle, strategy, pro
     """The model to start from and the loaded source (None when built from scratch)."""
     if cfg.source.name == "scratch":
         with strategy.scope():
-            return model_lib.build_model(cfg.model, bundle.input_shape,
-                                         bundle.pretrain.num_classes), None
+            model = model_lib.build_model(cfg.model, bundle.input_shape,
+                                          bundle.pretrain.num_classes)
+            # The data's own preprocessing (normalization, pixel scaling) goes inside the model.
+            return data_record.with_preprocessing(model, bundle.pretrain), None
     # Loaded, checked and verified before any run is opened: a bad source leaves no run.
     # Outside the strategy's scope, like every reload (see make_strategy).
     source = sources_lib.load_source(

@@ -15,6 +15,7 @@ from tfharness import tracking
 from tfharness.artifacts import integrity, serialization
 from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError, HarnessError
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.roundtrip import probe_batch
 from tfharness.pipeline import train
@@ -66,7 +67,7 @@ def layer_report(ctx: RunContext, final_model) -> None:
     report_file = Path(ctx.cfg.output_dir) / REPORT_MARKDOWN
     if not ctx.ckpt.done("report"):
         markdown = (tracking.markdown_table(result.report)
-                    + sources_lib.block_report(final_model))
+                    + sources_lib.block_report(final_model) + data_record.classes_markdown(ctx))
         serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
         texts = {**ctx.ckpt.state.values.get("texts", {}), REPORT_MARKDOWN: markdown}
         ctx.ckpt.complete("report", texts=texts, report_rows=result.report)
@@ -150,18 +151,21 @@ def deliver_missing(ctx: RunContext) -> None:
                 split = ctx.data.finetune if stem == "finetuned" else ctx.data.pretrain
                 probe = probe_batch(split, cfg.save_format.verify_batch_size)
                 digest = state.values.get("digests", {}).get(stem)
+                extra = {"sha256": integrity.record_path(Path(path))} if digest else {}
+                classes = data_record.class_names_file(ctx, stem)
+                if classes is not None:
+                    extra["class_names"] = classes
                 tracker.log_model(
                     serialization.load_model(path), stem, probe[:5], Path(path),
                     tags={sources_lib.SHA256_TAG: digest} if digest else None,
-                    extra_artifacts={"sha256": integrity.record_path(Path(path))}
-                    if digest else None)
+                    extra_artifacts=extra or None)
     if missing:
         log.info("resumed run: delivered %d metric points the interrupted process had not",
                  len(missing))
 
 
 def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
-                 cfg: HarnessConfig) -> None:
+                 cfg: HarnessConfig, classes: str = "") -> None:
     """The trainable-layer table and every result, printed at the end of a run."""
     from rich.console import Console
     from rich.table import Table
@@ -177,6 +181,8 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
         for row in rows:
             table.add_row(*(tracking.format_cell(row[c]) for c in row))
         console.print(table)
+    if classes:
+        console.print(classes.strip())
     summary = Table(title="Results")
     summary.add_column("metric")
     summary.add_column("value", justify="right")

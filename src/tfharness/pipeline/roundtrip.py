@@ -10,6 +10,7 @@ import numpy as np
 from tfharness import data as data_lib
 from tfharness import sources as sources_lib
 from tfharness.artifacts import inmemory, integrity, serialization, serving
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
 
 log = logging.getLogger("tfharness")
@@ -59,9 +60,13 @@ def round_trip(ctx: RunContext, model, stem: str, step: int, probe: np.ndarray):
     ctx.tracker.set_tags({f"tfharness.sha256.{stem}": record.sha256})
     ctx.result.digests[stem] = record.sha256
     if cfg.tracking.log_models:
+        extra = {"sha256": integrity.record_path(trip.path)}
+        classes = data_record.class_names_file(ctx, stem)
+        if classes is not None:
+            extra["class_names"] = classes
         ctx.tracker.log_model(model, stem, probe[:5], trip.path,
                               tags={sources_lib.SHA256_TAG: record.sha256, **ctx.lineage},
-                              extra_artifacts={"sha256": integrity.record_path(trip.path)})
+                              extra_artifacts=extra)
     return trip.model
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
-from tfharness.pipeline import opening, prepare, record, roundtrip, train
+from tfharness.pipeline import data_record, opening, prepare, record, roundtrip, train
 from tfharness.pipeline.context import RunContext, RunResult
 from tfharness.pipeline.ending import run_ending
 
@@ -74,7 +74,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     result.model_uris.update(tracker.model_uris)
     result.registered_versions.update(tracker.registered_versions)
     if cfg.print_report:
-        record.print_report(result.report, result.metrics, result.run_id, cfg)
+        record.print_report(result.report, result.metrics, result.run_id, cfg,
+                            data_record.classes_markdown(ctx))
     return result
 
 

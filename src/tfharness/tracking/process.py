@@ -242,6 +242,9 @@ class ProcessTracker(Tracker):
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         self._record("log_table", rows, artifact_file)
 
+    def log_inputs(self, datasets: List[Dict]) -> None:
+        self._record("log_inputs", [dict(d) for d in datasets])
+
     def register_model(self, name: str, registered_name: str) -> None:
         self._record("register_model", name, registered_name)
 

@@ -99,6 +99,10 @@ class Tracker:
     def set_tags(self, tags: Dict[str, str]) -> None:
         pass
 
+    def log_inputs(self, datasets: List[Dict[str, Optional[str]]]) -> None:
+        """Records the run's datasets (``DatasetRecord.to_dict()`` of
+        :mod:`tfharness.data.records`), as ``mlflow.log_input`` would."""
+
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         pass
 
@@ -347,6 +351,8 @@ class MlflowTracker(Tracker):
         elif kind == "tags":
             for key, value in payload.items():
                 client.set_tag(run_id, key, value)
+        elif kind == "inputs":
+            client.log_inputs(run_id, datasets=dataset_inputs(payload))
         elif kind == "call":
             payload()
 
@@ -398,6 +404,10 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: Dict[str, str]) -> None:
         items = dict(tags)
         self._submit("tags", f"tags {', '.join(items)}", items)
+
+    def log_inputs(self, datasets: List[Dict[str, Optional[str]]]) -> None:
+        items = [dict(d) for d in datasets]
+        self._submit("inputs", f"datasets {', '.join(d['name'] for d in items)}", items)
 
     def register_model(self, name: str, registered_name: str) -> None:
         """Registers the logged model ``name`` (queued before) as a new version of
@@ -505,6 +515,18 @@ class _PyfuncFlavor:
         import mlflow.pyfunc
 
         return mlflow.pyfunc.save_model(**kwargs)
+
+
+def dataset_inputs(datasets: List[Dict[str, Optional[str]]]) -> list:
+    """MLflow's dataset inputs for plain descriptions, each tagged with its context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [DatasetInput(Dataset(name=d["name"], digest=d["digest"],
+                                 source_type=d["source_type"], source=d["source"],
+                                 schema=d.get("schema"), profile=d.get("profile")),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+            for d in datasets]
 
 
 def ending_of(error: Optional[BaseException]) -> tuple:
