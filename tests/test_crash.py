@@ -151,7 +151,7 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
 
 
 def state_of_output(run) -> str:
-    return run.data.params["output_dir"]
+    return run.data.tags["output_dir"]
 
 
 def test_sigkill_takes_the_tracking_process_with_it_and_leaves_the_run_running(tmp_path):

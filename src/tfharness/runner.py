@@ -33,7 +33,7 @@ from tfharness import distribute
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import sources as sources_lib
-from tfharness import inmemory, integrity, serialization, serving, tracking
+from tfharness import inmemory, integrity, naming, plots, run_record, serialization, serving, tracking
 from tfharness.config import HarnessConfig, flatten, to_typed, validate
 from tfharness.errors import ConfigError, HarnessError, RunInterrupted
 
@@ -181,7 +181,9 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
                 model_tags: Optional[Dict] = None):
     """Save, reload, verify; record the measurements; log the model. Returns the reload.
 
-    A resumed run that did this already loads the verified artifact instead.
+    The measurements are one-off figures, logged once as ``reload/<stem>/<figure>``; ``step`` is
+    the epoch the model was produced at (see :func:`_model_step`), the step MLflow records the
+    logged model at. A resumed run that did this already loads the verified artifact instead.
     """
     milestone = f"saved:{stem}"
     if ckpt.done(milestone):
@@ -223,8 +225,9 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
     models = {**ckpt.state.values.get("models", {}), stem: str(path)}
     digests = {**ckpt.state.values.get("digests", {}),
                **({stem: record.sha256} if record else {})}
-    ckpt.complete(milestone, measured, step, models=models, digests=digests)
-    tracker.log_metrics(measured, step=step)
+    logged = {f"reload/{stem}/{k.split('/', 1)[1]}": v for k, v in measured.items()}
+    ckpt.complete(milestone, logged, 0, models=models, digests=digests)
+    tracker.log_metrics(logged)
     log.info("%s: saved as %s to %s (%d bytes, %.2f s), reloaded in %.2f s, max abs diff %.3g",
              stem, fmt, trip.path or "memory", trip.size_bytes, trip.save_seconds,
              trip.load_seconds, max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
@@ -241,7 +244,8 @@ def _round_trip(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
     if cfg.tracking.log_models:
         tracker.log_model(model, stem, probe[:5], trip.path,
                           tags={sources_lib.SHA256_TAG: record.sha256, **(model_tags or {})},
-                          extra_artifacts={"sha256": integrity.record_path(trip.path)})
+                          extra_artifacts={"sha256": integrity.record_path(trip.path)},
+                          step=step)
     return trip.model
 
 
@@ -295,14 +299,16 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
         seconds += speed.get("train_seconds", 0.0)
         samples += len(split.train[0]) * (stage.epochs - done)
         report = ft_lib.stage_report(model, stage.name, frozen, before, ft_lib.snapshot(model))
+        prefix = _stage_prefix(cfg, index, stage.name)
         measured = {
-            "finetune/trainable_params": report.trainable_params,
-            "finetune/frozen_params": report.frozen_params,
-            "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
-            **{f"finetune/{k}": v for k, v in speed.items()},
+            f"{prefix}/trainable_params": report.trainable_params,
+            f"{prefix}/frozen_params": report.frozen_params,
+            f"{prefix}/frozen_weight_change_max": report.frozen_weight_change_max,
+            **{f"{prefix}/{k}": v for k, v in speed.items()},
         }
-        ckpt.complete(milestone, measured, index, **{milestone: dataclasses.asdict(report)})
-        tracker.log_metrics(measured, step=index)
+        # One-off figures of the stage: one point each, under the stage's name.
+        ckpt.complete(milestone, measured, 0, **{milestone: dataclasses.asdict(report)})
+        tracker.log_metrics(measured)
         reports.append(report)
         log.info("finetune stage '%s': %d epochs at lr %g, %d trainable / %d frozen params, "
                  "frozen weight change %g", stage.name, stage.epochs, stage.learning_rate,
@@ -312,12 +318,39 @@ def _finetune(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
         ckpt.load_newest_weights(model)
     speed = {"finetune/train_seconds": seconds,
              "finetune/samples_per_second": samples / seconds} if seconds else {}
+    if len(reports) > 1 and not ckpt.done("finetune-summary"):
+        # Several stages: the largest change of any frozen weight, one figure to compare runs on.
+        summary = {"finetune/frozen_weight_change_max":
+                   max(r.frozen_weight_change_max for r in reports)}
+        ckpt.complete("finetune-summary", summary, 0)
+        tracker.log_metrics(summary)
     if frozen_variables:
         change = sources_lib.check_frozen_block_variables(frozen_variables, model)
         speed["finetune/frozen_variable_change_max"] = change
         tracker.log_metrics({"finetune/frozen_variable_change_max": change})
     speed.update({f"finetune/{k}": v for k, v in last_epoch.items()})
     return model, reports, speed
+
+
+def _stage_prefix(cfg: HarnessConfig, index: int, name: str) -> str:
+    """``finetune`` for a single stage, ``finetune/<stage name>`` for each of several."""
+    if not cfg.finetune.stages:
+        return "finetune"
+    safe = "".join(c if c.isalnum() or c in "_-. " else "_" for c in name) or str(index)
+    return f"finetune/{safe}"
+
+
+def _model_step(cfg: HarnessConfig, stem: str, source) -> int:
+    """The epoch a model was produced at, on one axis: pretraining, then every fine-tune stage.
+
+    It is the step MLflow records the logged model at, and MLflow links the run's metrics at
+    that step to the model when it is logged: no epoch metric is at that step yet, so the model
+    carries only the figures linked to it on purpose (:func:`_link_model_metrics`).
+    """
+    pretrain = cfg.trainer.epochs if source is None else 0
+    if stem == "pretrained":
+        return pretrain
+    return pretrain + sum(stage.epochs for stage in ft_lib.stages_of(cfg.finetune))
 
 
 def _check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> None:
@@ -410,11 +443,12 @@ def _deliver_missing(cfg: HarnessConfig, tracker: tracking.Tracker,
                 split = bundle.finetune if stem == "finetuned" else bundle.pretrain
                 probe = _probe_batch(split, cfg.save_format.verify_batch_size)
                 digest = state.values.get("digests", {}).get(stem)
+                source = None if cfg.source.name == "scratch" else cfg.source.name
                 tracker.log_model(
                     serialization.load_model(path), stem, probe[:5], Path(path),
                     tags={sources_lib.SHA256_TAG: digest} if digest else None,
                     extra_artifacts={"sha256": integrity.record_path(Path(path))}
-                    if digest else None)
+                    if digest else None, step=_model_step(cfg, stem, source))
     if missing:
         log.info("resumed run: delivered %d metric points the interrupted process had not",
                  len(missing))
@@ -510,7 +544,8 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
                 frozen_by_stage.append(ft_lib.resolve_selectors(
                     stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
 
-        run_name = cfg.tracking.run_name or ",".join(overrides) or f"{cfg.data.name}-{cfg.model.name}"
+        run_name = cfg.tracking.run_name or naming.run_name(
+            overrides, fallback=f"{cfg.data.name}-{cfg.model.name}")
         # With a source, the model group played no part: the tag says what the model came from.
         model_tag = cfg.model.name if source is None else f"source:{source.kind}"
         tags = tracking.run_tags(cfg.data.name, model_tag, {
@@ -522,7 +557,10 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
         if parent_run_id:
             # MLflow's UI nests a run under the run this tag names.
             tags["mlflow.parentRunId"] = parent_run_id
-        params = flatten(cfg)
+        # Params: what defines the model and its training; the folders go to tags, the rest of
+        # the operational settings are in the config.yaml artifact.
+        params, operational = run_record.split_params(flatten(cfg))
+        tags.update(operational)
         lineage: Dict[str, str] = {}
         if source is not None:
             lineage = sources_lib.lineage_tags(source)
@@ -582,11 +620,11 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
                 tracker.log_metrics(test)
             # Results measured by an earlier process of a resumed run come from the ledger:
             # the value at the latest step of each metric (the last epoch's, for sweeps).
-            stems = {0: "pretrained", 1: "finetuned"}
             latest: Dict[str, tuple] = {}
             for key, value, step in ckpt.state.metrics:
                 if key.startswith("reload/"):
-                    result.metrics.setdefault(f"{key}@{stems.get(step, step)}", value)
+                    _, stem, figure = key.split("/", 2)
+                    result.metrics.setdefault(f"reload/{figure}@{stem}", value)
                 elif key not in latest or step >= latest[key][0]:
                     latest[key] = (step, value)
             for key, (_, value) in latest.items():
@@ -600,6 +638,7 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
             if cfg.tracking.register:
                 tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
                                        cfg.tracking.register)
+            _record_outcome(cfg, tracker, ckpt, result, source)
     except BaseException as error:
         status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
         ckpt.end(status, f"{type(error).__name__}: {error}")
@@ -619,6 +658,53 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
     if cfg.print_report:
         print_report(result.report, result.metrics, result.run_id, cfg)
     return result
+
+
+def _record_outcome(cfg: HarnessConfig, tracker: tracking.Tracker,
+                    ckpt: ckpt_lib.RunCheckpoints, result: RunResult, source) -> None:
+    """What a finished run adds to its record: each logged model's own final figures, the
+    learning-curve plot and a one-line description."""
+    if cfg.tracking.log_models and not cfg.save_format.in_memory:
+        for stem, keys in _model_metric_keys(cfg, result.metrics).items():
+            tracker.link_model_metrics(stem, keys)
+    stages = ft_lib.stages_of(cfg.finetune) if cfg.finetune.enabled else []
+    tracker.log_figure("learning_curves", plots.learning_curve_data(
+        ckpt.state.metrics, cfg.trainer.epochs if source is None else 0,
+        [(s.name, s.epochs) for s in stages]), plots.LEARNING_CURVES)
+    what = run_record.run_summary(cfg, None if source is None else source.kind, stages)
+    tracker.set_tags({run_record.DESCRIPTION_TAG: run_record.describe(
+        what=what, metrics=result.metrics)})
+
+
+# Timings of fit: figures of the machine, not of a model, so no logged model carries them.
+_TIMINGS = ("train_seconds", "samples_per_second")
+
+
+def _model_metric_keys(cfg: HarnessConfig, metrics: Dict[str, float]) -> Dict[str, List[str]]:
+    """The run metrics each logged model carries: its own final figures.
+
+    The pretrained model: its last pretraining epoch (validation included), its test figures,
+    where it came from (``source/*``) and its reload figures. The fine-tuned model: its last
+    fine-tune epoch, its reload figures and the test figures of the final model. Without
+    fine-tuning the pretrained model is the final one and carries the test figures.
+    """
+    def own(prefix: str) -> List[str]:
+        return [k for k in metrics if k.startswith(prefix) and "@" not in k
+                and k.rsplit("/", 1)[-1] not in _TIMINGS]
+
+    def reload(stem: str) -> List[str]:
+        # RunResult names them reload/<figure>@<stem>; the run logs reload/<stem>/<figure>.
+        suffix = f"@{stem}"
+        return [f"reload/{stem}/{k[len('reload/'):-len(suffix)]}"
+                for k in metrics if k.startswith("reload/") and k.endswith(suffix)]
+
+    test = own("test/")
+    keys = {"pretrained": own("pretrain/") + own("source/") + reload("pretrained")}
+    if cfg.finetune.enabled:
+        keys["finetuned"] = own("finetune/") + reload("finetuned") + test
+    else:
+        keys["pretrained"] += test
+    return keys
 
 
 def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
@@ -645,7 +731,8 @@ def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
 
     # With a source, this saves the loaded model in tfharness' format and reloads it, so
     # fine-tuning starts from a verified model exactly as it does after pretraining.
-    reloaded = _round_trip(cfg, tracker, ckpt, model, "pretrained", 0, probe, result, lineage)
+    reloaded = _round_trip(cfg, tracker, ckpt, model, "pretrained",
+                           _model_step(cfg, "pretrained", source), probe, result, lineage)
     final_model, final_split = reloaded, bundle.pretrain
     if cfg.finetune.enabled:
         if ckpt.done("saved:finetuned"):
@@ -660,7 +747,8 @@ def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.Ru
         result.metrics["finetune/frozen_weight_change_max"] = max(
             r.frozen_weight_change_max for r in reports)
         ft_probe = _probe_batch(bundle.finetune, cfg.save_format.verify_batch_size)
-        final_model = _round_trip(cfg, tracker, ckpt, tuned, "finetuned", 1, ft_probe, result,
+        final_model = _round_trip(cfg, tracker, ckpt, tuned, "finetuned",
+                                  _model_step(cfg, "finetuned", source), ft_probe, result,
                                   lineage)
         final_split = bundle.finetune
         if result.report and not ckpt.done("report"):
@@ -697,8 +785,9 @@ def _pretrain(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunC
             pretrain_test = _evaluate(model, bundle.pretrain, cfg.trainer.batch_size)
             measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
                         **{f"pretrain/{k}": v for k, v in speed.items()}}
-            ckpt.complete("pretrain-test", measured, cfg.trainer.epochs)
-            tracker.log_metrics(measured, step=cfg.trainer.epochs)
+            # One-off figures of pretraining: one point each, not a point on the epoch axis.
+            ckpt.complete("pretrain-test", measured, 0)
+            tracker.log_metrics(measured)
             result.metrics.update(measured)
             log.info("pretrain: %d epochs on %d samples, test accuracy %.4f",
                      cfg.trainer.epochs, len(bundle.pretrain.train[0]),
