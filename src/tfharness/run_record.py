@@ -80,6 +80,15 @@ def source_name(argv: Optional[Sequence[str]] = None) -> str:
     return f"{head} -m" if any(a in ("-m", "--multirun") for a in argv[1:]) else head
 
 
+# Run tags a logged model also carries: the model page shows them as where it was logged from.
+MODEL_SOURCE_TAGS = ("mlflow.source.name", "mlflow.source.type")
+
+
+def model_tags(run_tags: Mapping[str, str]) -> Dict[str, str]:
+    """The tags of a run that its logged models carry too (their "Logged from")."""
+    return {k: run_tags[k] for k in MODEL_SOURCE_TAGS if k in run_tags}
+
+
 def package_versions() -> Dict[str, str]:
     """``{"tensorflow": "2.21.0", ...}`` of the packages a run's results depend on."""
     from importlib import metadata
@@ -114,15 +123,23 @@ def describe(*, what: str, metrics: Mapping[str, float]) -> str:
     return f"{what}: {result}."
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def run_summary(cfg, source_kind: Optional[str], finetune_stages: Sequence) -> str:
     """What a run did, in words: ``mlp on digits, pretrained 5 epochs, fine-tuned ...``."""
-    start = (f"{cfg.model.name} on {cfg.data.name}, pretrained {cfg.trainer.epochs} epochs"
+    start = (f"{cfg.model.name} on {cfg.data.name}, pretrained {_epochs(cfg.trainer.epochs)}"
              if source_kind is None else f"{source_kind} source on {cfg.data.name}")
     if not cfg.finetune.enabled:
         return start
-    stages = ", ".join(f"{s.name} {s.epochs} epochs at lr {s.learning_rate:g}"
+    if len(finetune_stages) == 1:
+        stage = finetune_stages[0]
+        return (f"{start}, fine-tuned {_epochs(stage.epochs)} at lr {stage.learning_rate:g} "
+                f"({cfg.finetune.name})")
+    stages = ", ".join(f"{s.name} {_epochs(s.epochs)} at lr {s.learning_rate:g}"
                        for s in finetune_stages)
-    return f"{start}, fine-tuned ({cfg.finetune.name}: {stages})"
+    return f"{start}, fine-tuned in stages ({stages})"
 
 
 def runs_view(experiment_id: str, uri: str = "") -> str:

@@ -612,7 +612,7 @@ def _run(cfg, overrides: Sequence[str], parent_run_id: Optional[str], require_ob
             final_model, final_split = _run_phases(cfg, tracker, ckpt, bundle, model,
                                                    frozen_by_stage, resolved_yaml, overrides,
                                                    result, strategy, source, probe,
-                                                   lineage)
+                                                   {**lineage, **run_record.model_tags(tags)})
             if not ckpt.done("test"):
                 test = _evaluate(final_model, final_split, cfg.trainer.batch_size)
                 test = {f"test/{k}": v for k, v in test.items()}
@@ -678,19 +678,24 @@ def _record_outcome(cfg: HarnessConfig, tracker: tracking.Tracker,
 
 # Timings of fit: figures of the machine, not of a model, so no logged model carries them.
 _TIMINGS = ("train_seconds", "samples_per_second")
+# What a fine-tune epoch reports besides validation: the training loss and metrics.
+_EPOCH_FIGURES = ("loss", "accuracy")
 
 
 def _model_metric_keys(cfg: HarnessConfig, metrics: Dict[str, float]) -> Dict[str, List[str]]:
-    """The run metrics each logged model carries: its own final figures.
+    """The run metrics each logged model carries: its own final figures, test figures first
+    (the Models page shows them in this order).
 
-    The pretrained model: its last pretraining epoch (validation included), its test figures,
-    where it came from (``source/*``) and its reload figures. The fine-tuned model: its last
-    fine-tune epoch, its reload figures and the test figures of the final model. Without
-    fine-tuning the pretrained model is the final one and carries the test figures.
+    The pretrained model: its pretraining test and last validation figures, where it came from
+    (``source/*``) and its reload figures. The fine-tuned model: the test figures of the final
+    model, its last fine-tune epoch, the largest change of a frozen weight and its reload
+    figures. Without fine-tuning the pretrained model is the final one and carries the test
+    figures.
     """
-    def own(prefix: str) -> List[str]:
-        return [k for k in metrics if k.startswith(prefix) and "@" not in k
-                and k.rsplit("/", 1)[-1] not in _TIMINGS]
+    def own(prefix: str, names=None) -> List[str]:
+        return sorted(k for k in metrics if k.startswith(prefix) and "@" not in k
+                      and k.count("/") == 1 and k.rsplit("/", 1)[-1] not in _TIMINGS
+                      and (names is None or names(k.rsplit("/", 1)[-1])))
 
     def reload(stem: str) -> List[str]:
         # RunResult names them reload/<figure>@<stem>; the run logs reload/<stem>/<figure>.
@@ -699,12 +704,15 @@ def _model_metric_keys(cfg: HarnessConfig, metrics: Dict[str, float]) -> Dict[st
                 for k in metrics if k.startswith("reload/") and k.endswith(suffix)]
 
     test = own("test/")
-    keys = {"pretrained": own("pretrain/") + own("source/") + reload("pretrained")}
-    if cfg.finetune.enabled:
-        keys["finetuned"] = own("finetune/") + reload("finetuned") + test
-    else:
-        keys["pretrained"] += test
-    return keys
+    pretrained = (own("pretrain/", lambda n: n.startswith("test_")) +
+                  own("pretrain/", lambda n: n.startswith("val_")) + own("source/") +
+                  reload("pretrained"))
+    if not cfg.finetune.enabled:
+        return {"pretrained": test + pretrained}
+    epoch = own("finetune/", lambda n: n in _EPOCH_FIGURES or n.startswith("val_"))
+    return {"pretrained": pretrained,
+            "finetuned": test + epoch + own("finetune/", lambda n: n.endswith("_change_max"))
+            + reload("finetuned")}
 
 
 def _run_phases(cfg: HarnessConfig, tracker: tracking.Tracker, ckpt: ckpt_lib.RunCheckpoints,
