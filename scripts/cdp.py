@@ -47,8 +47,7 @@ class Browser:
         self._ids = itertools.count(1)
         self.call("Page.enable")
         self.call("Runtime.enable")
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                  deviceScaleFactor=1, mobile=False)
+        self.resize(width, height)
 
     def _page_target(self, port: int, timeout: float = 30) -> dict:
         deadline = time.time() + timeout
@@ -113,8 +112,15 @@ class Browser:
     def url(self) -> str:
         return self.evaluate("location.href")
 
-    def screenshot(self, path: Path) -> Path:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
+    def resize(self, width: int, height: int) -> None:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+
+    def screenshot(self, path: Path, clip: Optional[tuple] = None) -> Path:
+        """A PNG of the page; ``clip``: ``(x, y, width, height)`` of the part to keep."""
+        extra = ({"clip": dict(zip(("x", "y", "width", "height"), clip), scale=1)}
+                 if clip else {})
+        data = self.call("Page.captureScreenshot", format="png", **extra)["data"]
         Path(path).write_bytes(base64.b64decode(data))
         return Path(path)
 
