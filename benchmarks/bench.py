@@ -231,7 +231,7 @@ def save_formats(work: dict, folder: Path, rounds: int = SAVE_FORMAT_ROUNDS) -> 
     """
     import numpy as np
 
-    from tfharness import inmemory, serialization
+    from tfharness.artifacts import inmemory, serialization
     from tfharness.config import MlpConfig
     from tfharness.models import build_model
 

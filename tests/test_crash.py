@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import tfharness
-from tfharness import checkpoint, serialization
+from tfharness.artifacts import checkpoint, serialization
 from tfharness.errors import ConfigError, NumericalError, SaveError
 
 from conftest import TINY_SYNTHETIC, free_port, only_run, wait_for_server
@@ -62,7 +62,7 @@ def tracking_processes_of(pid: int) -> list:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue
-        if parent == pid and "tfharness.tracking_process" in command:
+        if parent == pid and "tfharness.tracking.process" in command:
             found.append(int(entry.name))
     return found
 
@@ -181,7 +181,7 @@ def test_ctrl_c_to_the_process_group_ends_the_run_killed_through_the_tracking_pr
 
 
 def test_a_dead_tracking_process_fails_the_run_clearly(tmp_path, make_cfg, monkeypatch, client):
-    from tfharness import tracking_process
+    from tfharness.tracking import process as tracking_process
     from tfharness.errors import TrackingError
 
     marker = tmp_path / "paused"

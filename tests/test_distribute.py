@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 import tfharness
-from tfharness import distribute
+from tfharness.pipeline import distribute
 from tfharness.config import to_typed, validate
 from tfharness.errors import ConfigError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfharness import inmemory
+from tfharness.artifacts import inmemory
 from tfharness.config import CnnConfig
 from tfharness.errors import SaveError
 from tfharness.models import build_model, compile_model

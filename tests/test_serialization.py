@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tfharness import serialization
+from tfharness.artifacts import serialization
 from tfharness.config import CnnConfig, MlpConfig
 from tfharness.errors import SaveError, VerificationError
 from tfharness.models import build_model, compile_model

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tfharness
-from tfharness import serialization, serving
+from tfharness.artifacts import serialization, serving
 from tfharness.config import SERVING_SIGNATURES, MlpConfig, to_typed, validate
 from tfharness.errors import ConfigError, SaveError
 from tfharness.models import build_model, compile_model

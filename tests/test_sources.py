@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import tfharness
-from tfharness import integrity, serialization, sources
+from tfharness import sources
+from tfharness.artifacts import integrity, serialization
 from tfharness.errors import ConfigError, IntegrityError, SourceError
 
 from conftest import only_run

@@ -176,7 +176,7 @@ def test_ray_launcher_runs_a_sweep_on_a_local_ray(tmp_path):
 def test_a_nan_or_missing_objective_fails_the_trial(make_cfg):
     from tfharness.config import to_typed
     from tfharness.errors import ConfigError, HarnessError
-    from tfharness.runner import _objective
+    from tfharness.pipeline.record import objective as _objective
 
     cfg = to_typed(make_cfg(TINY))
     assert _objective(cfg, {"finetune/val_accuracy": 0.5}) == 0.5

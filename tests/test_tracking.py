@@ -70,7 +70,7 @@ def test_each_run_logs_with_the_environment_it_was_started_in(make_cfg, client, 
 
 def test_without_a_tracking_process_the_run_logs_from_a_thread(make_cfg, client, monkeypatch,
                                                                caplog):
-    from tfharness import tracking_process
+    from tfharness.tracking import process as tracking_process
 
     monkeypatch.setattr(tracking_process, "_shared", None)
     monkeypatch.setattr(sys, "executable", "/no/such/python")  # nothing to start it with

@@ -5,6 +5,7 @@ config the command line would. Importing this package imports neither TensorFlow
 ``tfharness --help`` answers at once; ``run`` and ``RunResult`` load on first use.
 """
 
+from tfharness import _aliases
 from tfharness.errors import (
     ConfigError,
     DataError,
@@ -16,6 +17,8 @@ from tfharness.errors import (
     VerificationError,
 )
 
+_aliases.install()
+
 __version__ = "0.1.0"
 __all__ = ["compose", "run", "RunResult", "HarnessConfig", "HarnessError", "ConfigError",
            "DataError", "SaveError", "IntegrityError", "SourceError", "TrackingError", "VerificationError"]
@@ -23,7 +26,7 @@ __all__ = ["compose", "run", "RunResult", "HarnessConfig", "HarnessError", "Conf
 
 def __getattr__(name):
     if name in ("run", "RunResult"):
-        from tfharness import runner
+        from tfharness.pipeline import runner
 
         return getattr(runner, name)
     if name == "compose":
@@ -37,5 +40,5 @@ def __getattr__(name):
     if name == "serialization":
         import importlib
 
-        return importlib.import_module("tfharness.serialization")
+        return importlib.import_module("tfharness.artifacts.serialization")
     raise AttributeError(f"module 'tfharness' has no attribute {name!r}")

@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 import sys
-from typing import List, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 # TensorFlow's C++ start-up chatter hides the run's own output; keep warnings and errors only.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -23,6 +24,7 @@ from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from tfharness.config import register_configs  # noqa: E402
+from tfharness.config.targets import import_current_folder  # noqa: E402
 from tfharness.errors import HarnessError, RunInterrupted  # noqa: E402
 
 register_configs()
@@ -34,19 +36,29 @@ class HarnessCommandError(CompactHydraException):
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config", *,
-            return_hydra_config: bool = False) -> DictConfig:
+            return_hydra_config: bool = False,
+            config_dir: Optional[str | os.PathLike] = None) -> DictConfig:
     """Composes the packaged config with ``overrides``, as the command line would.
 
     For use from Python and tests; set ``output_dir`` (it defaults to Hydra's run folder,
     which exists only under the command line). ``return_hydra_config`` keeps the ``hydra``
-    node (launcher, sweeper) in the result.
+    node (launcher, sweeper) in the result. ``config_dir`` adds a folder of the user's own
+    options to every group, as ``--config-dir`` does on the command line.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module("tfharness.conf", version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides),
+        return hydra_compose(config_name=config_name,
+                             overrides=[*search_path(config_dir), *overrides],
                              return_hydra_config=return_hydra_config)
+
+
+def search_path(config_dir: Optional[str | os.PathLike]) -> List[str]:
+    """The override that adds ``config_dir`` to Hydra's config search path ([] for None)."""
+    if config_dir is None:
+        return []
+    return [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -54,10 +66,10 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from tfharness import naming
+    from tfharness.tracking import naming
+    from tfharness.pipeline.runner import run
     from tfharness.rerun import RERUN_OF_ENV
-    from tfharness.run_record import RERUN_OF_TAG
-    from tfharness.runner import run
+    from tfharness.tracking.record import RERUN_OF_TAG
     from tfharness.sweeps import PARENT_RUN_ENV, SWEPT_KEYS_ENV, SWEPT_TAG
 
     hydra_cfg = HydraConfig.get()
@@ -98,44 +110,58 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     return result.objective
 
 
-def config_groups() -> str:
-    """``group: option, option`` lines of the packaged config groups, read off the folder."""
+def config_groups(config_dir: Optional[str | os.PathLike] = None) -> str:
+    """``group: option, option`` lines of the config groups, read off the packaged folder and
+    the user's ``config_dir``."""
     from importlib.resources import files
 
-    root = files("tfharness.conf")
-    lines = []
-    for group in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "__pycache__"):
-        options = sorted(p.name[:-5] for p in root.joinpath(group).iterdir()
-                         if p.name.endswith(".yaml"))
-        lines.append(f"{group}: {', '.join(options)}")
-    return "\n".join(lines)
+    groups: Dict[str, set] = {}
+    roots = [files("tfharness.conf"), *([Path(config_dir)] if config_dir is not None else [])]
+    for root in roots:
+        for folder in root.iterdir():
+            if folder.is_dir() and folder.name != "__pycache__":
+                groups.setdefault(folder.name, set()).update(
+                    p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return "\n".join(f"{group}: {', '.join(sorted(options))}"
+                     for group, options in sorted(groups.items()) if options)
 
 
-def fast_help(overrides: Sequence[str]) -> str:
+def fast_help(overrides: Sequence[str], config_dir: Optional[str] = None) -> str:
     """What Hydra's ``--help`` prints with this app's template, without its slow group scan.
 
-    Hydra builds the group listing by composing the config once per group option (about 1.5 s
-    here, and it lists Hydra's own groups that the template then drops); listing the packaged
-    folders gives the same lines in milliseconds.
+    Hydra builds the group listing by composing the config once per group option (and lists
+    Hydra's own groups that the template then drops); listing the config folders gives the
+    same lines at once.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
     from omegaconf import OmegaConf, open_dict
 
-    with initialize_config_module("tfharness.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides),
-                            return_hydra_config=True)
+    cfg = compose(overrides, return_hydra_config=True, config_dir=config_dir)
     header, footer = cfg.hydra.help.header, cfg.hydra.help.footer
     with open_dict(cfg):
         del cfg["hydra"]
     return (f"{header}\n== Configuration groups ==\nCompose your configuration from those "
-            f"groups (group=option)\n\n{config_groups()}\n\n\n== Config ==\nOverride anything "
+            f"groups (group=option)\n\n{config_groups(config_dir)}\n\n\n== Config ==\nOverride anything "
             f"in the config (foo.bar=value)\n\n{OmegaConf.to_yaml(cfg)}\n\n{footer}\n\n")
+
+
+def split_config_dir(args: Sequence[str]) -> tuple:
+    """Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) and the other args."""
+    config_dir, rest, items = None, [], iter(args)
+    for arg in items:
+        if arg in ("--config-dir", "-cd"):
+            config_dir = next(items, None)
+        elif arg.startswith("--config-dir="):
+            config_dir = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return config_dir, rest
 
 
 def main() -> None:
     """Entry point of the ``tfharness`` command and ``python -m tfharness``."""
     args = sys.argv[1:]
+    # The user's modules import from the current folder, as with `python -m tfharness`.
+    import_current_folder()
     if any(a == "--rerun" or a.startswith("--rerun=") for a in args):
         from tfharness.rerun import rerun_args
 
@@ -148,8 +174,9 @@ def main() -> None:
     plain_help = ("--help" in args or "-h" in args) and not any(
         a.startswith("--hydra") or a in ("-m", "--multirun", "--cfg", "-c") for a in args)
     if plain_help:
+        config_dir, rest = split_config_dir([a for a in args if a not in ("--help", "-h")])
         try:
-            text = fast_help([a for a in args if a not in ("--help", "-h")])
+            text = fast_help(rest, config_dir)
         except Exception:
             # A bad override: let Hydra compose and report it as it always does.
             _hydra_main()

@@ -54,7 +54,7 @@ def _key(override: str) -> str:
 
 def recorded_args(client, run_id: str) -> List[str]:
     """The arguments that compose ``run_id``'s config again (a parent: its sweep command)."""
-    from tfharness.run_record import ARGV_TAG
+    from tfharness.tracking.record import ARGV_TAG
 
     run = client.get_run(run_id)
     if run.data.tags.get("tfharness.sweep") == "parent":
@@ -78,7 +78,7 @@ def rerun_args(args: List[str]) -> List[str]:
     import mlflow
 
     from tfharness.cli import compose
-    from tfharness.run_record import package_versions
+    from tfharness.tracking.record import package_versions
 
     run_id, extra = _split(args)
     overrides = [a for a in extra if not a.startswith("-")]

@@ -27,7 +27,7 @@ log = logging.getLogger("tfharness")
 
 PARENT_RUN_ENV = "TFHARNESS_PARENT_RUN_ID"
 # The swept keys, comma-separated, handed to every job like the parent's id: a job names its run
-# by its values of them (tfharness.naming).
+# by its values of them (tfharness.tracking.naming).
 SWEPT_KEYS_ENV = "TFHARNESS_SWEPT_KEYS"
 SWEPT_TAG = "tfharness.swept"
 SWEEP_TAG = "tfharness.sweep"
@@ -110,7 +110,11 @@ def swept_keys(cfg: DictConfig) -> Dict[str, str]:
 def param_key(key: str, params: Dict[str, str]) -> str:
     """The MLflow param a swept key lands in: a group choice ``model`` is ``model.name``."""
     key = key.lstrip("+~")
-    return key if key in params or f"{key}.name" not in params else f"{key}.name"
+    if key in params:
+        return key
+    # A user's option may have no name: its _target_ tells the trials apart.
+    return next((f"{key}.{field}" for field in ("name", "_target_") if f"{key}.{field}" in params),
+                key)
 
 
 def collect(client, experiment_id: str, parent_run_id: str, objective: str,
@@ -137,7 +141,7 @@ def collect(client, experiment_id: str, parent_run_id: str, objective: str,
 
 def describe_sweep(summary: SweepSummary, swept: List[str]) -> str:
     """The parent run's one-line description: what was swept, how it went, the best trial."""
-    from tfharness.naming import values_name
+    from tfharness.tracking.naming import values_name
 
     head = (f"Sweep over {', '.join(swept) or 'nothing'}: {len(summary.trials)} trials, "
             f"{summary.failed} failed")
@@ -169,7 +173,7 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     from mlflow.entities import Param
 
     from tfharness.config import flatten, to_typed
-    from tfharness.tracking import PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment
+    from tfharness.tracking.tracker import PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment
 
     try:
         typed = to_typed(cfg)
@@ -184,7 +188,7 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     run = client.create_run(experiment_id, run_name=run_name, tags={
         "mlflow.parentRunId": parent_run_id, "tfharness.job_num": str(job_num),
         "error": f"{type(error).__name__}: {error}"[:5000]})
-    from tfharness.run_record import split_params
+    from tfharness.tracking.record import split_params
 
     params, _ = split_params(flatten(typed))
     items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
@@ -250,7 +254,7 @@ def _as_floats(values: List[Optional[str]]) -> Optional[List[float]]:
 
 
 def _display(column: str, value: Any) -> str:
-    from tfharness.tracking import format_cell
+    from tfharness.tracking.tracker import format_cell
 
     if column == "run_id":
         return str(value)[:8]  # enough to tell runs apart; the MLflow table has them whole
@@ -285,6 +289,32 @@ def print_trials(summary: SweepSummary, swept: List[str]) -> None:
         console.print(f"[red]{summary.failed} trial(s) failed[/red]")
 
 
+def prune_search_space(config: DictConfig) -> List[str]:
+    """Drops keys of ``hydra.sweeper.params`` that the composed config does not have.
+
+    The packaged search (``hparams_search=optuna``) covers ``model.units``; a model without
+    that key (``cnn``, a user's builder) is searched over the rest, and over whatever the
+    command line adds (``model.width=8,16``). Runs before the sweeper is created from the
+    config. Returns the keys dropped.
+    """
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    if not isinstance(params, DictConfig):
+        return []
+    def present(key: str) -> bool:
+        parent_key, _, leaf = key.lstrip("+~").rpartition(".")
+        parent = OmegaConf.select(config, parent_key) if parent_key else config
+        return isinstance(parent, DictConfig) and leaf in parent
+
+    dropped = [key for key in params if not present(str(key))]
+    if dropped:
+        with flag_override(config, ["readonly", "struct"], [False, False]):
+            for key in dropped:
+                del params[key]
+        log.warning("Sweep: %s left the search: the config has no such key",
+                    ", ".join(dropped))
+    return dropped
+
+
 class SweepCallback(Callback):
     """Hydra callback: the MLflow parent run of a sweep (see the module docstring)."""
 
@@ -302,6 +332,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global ACTIVE
         ACTIVE = self
+        prune_search_space(config)
         if config.tracking.name == "off":
             return
         try:
@@ -316,9 +347,10 @@ class SweepCallback(Callback):
         from mlflow.entities import Param
 
         from tfharness.config import flatten, register_configs, to_typed
-        from tfharness.naming import sweep_name
-        from tfharness.run_record import split_params
-        from tfharness.tracking import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
+        from tfharness.config.targets import option_name
+        from tfharness.tracking.naming import sweep_name
+        from tfharness.tracking.record import split_params
+        from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
                                         run_tags)
 
         register_configs()
@@ -333,7 +365,7 @@ class SweepCallback(Callback):
         space = swept_keys(config)
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_"))
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_"))
-        tags = run_tags(typed.data.name, typed.model.name, {
+        tags = run_tags(option_name(typed.data), option_name(typed.model), {
             SWEEP_TAG: "parent", "sweeper": sweeper.rsplit(".", 1)[-1],
             "launcher": launcher.rsplit(".", 1)[-1], "sweep_dir": str(config.hydra.sweep.dir)})
         run_name = sweep_name(space)
@@ -405,7 +437,7 @@ class SweepCallback(Callback):
 
     def _record(self, summary: SweepSummary, swept: List[str]) -> None:
         client, parent = self._client, self.parent_run_id
-        from tfharness.naming import table_columns
+        from tfharness.tracking.naming import table_columns
 
         rows = summary.rows(swept)
         columns = table_columns(rows)
@@ -432,7 +464,7 @@ class SweepCallback(Callback):
             return
         import mlflow
 
-        from tfharness.tracking import MODEL_URI_TAG
+        from tfharness.tracking.tracker import MODEL_URI_TAG
 
         tags = self._client.get_run(best.run_id).data.tags
         uri = tags.get(f"{MODEL_URI_TAG}.finetuned") or tags.get(f"{MODEL_URI_TAG}.pretrained")

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
-from tfharness import spool
+from tfharness.tracking import spool
 from tfharness.errors import HarnessError, TrackingError
-from tfharness.tracking import sqlite_artifact_root
+from tfharness.tracking.tracker import sqlite_artifact_root
 
 METRIC_BATCH = 1000
 SYNCED_FILE = "synced.json"
@@ -69,7 +69,7 @@ def _replay_models(source, source_run: str, target_uri: str, target_run: str) ->
                                     f"{spec['artifact']} is gone.")
             mlflow.pyfunc.log_model(
                 name=spec["name"],
-                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                python_model=str(Path(__file__).parent / "tracking" / "mlflow_model.py"),
                 artifacts={"model": spec["artifact"], **spec.get("extra_artifacts", {})},
                 tags=spec.get("tags") or None,
                 signature=ModelSignature.from_dict(spec["signature"]) if spec["signature"]
@@ -139,7 +139,7 @@ def sync(spool_dir: str, target_uri: Optional[str] = None) -> Dict[str, str]:
             mapping[run.info.run_id] = target_run
     synced = Path(spool_dir) / SYNCED_FILE
     previous = json.loads(synced.read_text()) if synced.is_file() else {}
-    from tfharness.serialization import atomic_write
+    from tfharness.artifacts.serialization import atomic_write
 
     text = json.dumps({**previous, **mapping}, indent=1)
     atomic_write(synced, lambda tmp: tmp.write_text(text))

@@ -1,9 +1,12 @@
-"""The config schema: one dataclass per config-group option, and the checks types cannot express.
+"""The config schema: one dataclass per shipped config-group option.
 
 The dataclasses are registered in Hydra's ConfigStore (see :func:`register_configs`) and each YAML
 option names its schema as its first default, so a misspelt key or a wrong type fails while Hydra
-composes the config. :func:`validate` then checks ranges and cross-field rules. Nothing here
-imports TensorFlow: a bad command line must fail in well under a second.
+composes the config. The ``model`` and ``data`` options are ``_target_`` mappings (see
+:mod:`tfharness.config.targets`): a shipped option's schema defaults its ``_target_``; a user's
+option needs no schema and reaches the run as a plain dict. :mod:`tfharness.config.checks` then
+checks ranges and cross-field rules. Nothing here imports TensorFlow: a bad command line must
+fail in well under a second.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SELECTOR_INDEX = re.compile(r"^-?\d+$")
+SELECTOR_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")
 
 
 # --------------------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
+    """What every shipped data option has; the factory it names gets these keys too."""
+
+    _target_: str = MISSING
     name: str = MISSING
     # Fractions of each labelled pool held out for validation and test; the split is seeded
     # separately from training so the same data seed always gives the same split.
@@ -45,6 +53,7 @@ class DataConfig:
 
 @dataclass
 class DigitsDataConfig(DataConfig):
+    _target_: str = "tfharness.data.builtin.digits"
     name: str = "digits"
     pretrain_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     finetune_classes: List[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])
@@ -55,6 +64,7 @@ class DigitsDataConfig(DataConfig):
 
 @dataclass
 class SyntheticDataConfig(DataConfig):
+    _target_: str = "tfharness.data.builtin.synthetic"
     name: str = "synthetic"
     shape: List[int] = field(default_factory=lambda: [784])
     num_samples: int = 100
@@ -65,6 +75,7 @@ class SyntheticDataConfig(DataConfig):
 
 @dataclass
 class NpzDataConfig(DataConfig):
+    _target_: str = "tfharness.data.builtin.npz"
     name: str = "npz"
     path: str = MISSING
     x_key: str = "x"
@@ -77,6 +88,9 @@ class NpzDataConfig(DataConfig):
 # -------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
+    """What the shipped builders share; each is called with these keys as keyword arguments."""
+
+    _target_: str = MISSING
     name: str = MISSING
     activation: str = "relu"
     output_activation: str = "softmax"
@@ -85,6 +99,7 @@ class ModelConfig:
 
 @dataclass
 class MlpConfig(ModelConfig):
+    _target_: str = "tfharness.models.builders.mlp"
     name: str = "mlp"
     # Dense(units..., relu) then Dense(num_classes, softmax); the seed used units=[10].
     units: List[int] = field(default_factory=lambda: [64])
@@ -92,6 +107,7 @@ class MlpConfig(ModelConfig):
 
 @dataclass
 class CnnConfig(ModelConfig):
+    _target_: str = "tfharness.models.builders.cnn"
     name: str = "cnn"
     filters: List[int] = field(default_factory=lambda: [16, 32])
     kernel_size: int = 3
@@ -101,8 +117,16 @@ class CnnConfig(ModelConfig):
 # ------------------------------------------------------------------------------------ trainer
 @dataclass
 class TrainerConfig:
-    optimizer: str = "adam"
+    # A name (OPTIMIZERS) or a _target_ mapping such as {_target_: keras.optimizers.AdamW,
+    # weight_decay: 0.01}; learning_rate comes from here (or the fine-tune stage) unless set.
+    optimizer: Any = "adam"
     learning_rate: float = 1e-3
+    # A Keras loss name or a _target_ mapping; metrics: a list of names or _target_ mappings.
+    loss: Any = "sparse_categorical_crossentropy"
+    metrics: List[Any] = field(default_factory=lambda: ["accuracy"])
+    # _target_ mappings of Keras callbacks (EarlyStopping, ReduceLROnPlateau, your own), a fresh
+    # instance in every fit.
+    callbacks: List[Any] = field(default_factory=list)
     epochs: int = 5
     batch_size: int = 32
     seed: int = 42
@@ -157,7 +181,10 @@ class FinetuneConfig:
     # Selectors: an index ("0", "-2"), a slice ("0:-1"), a layer name, a glob ("conv*"), or
     # "@base" for every layer that came from the pretrained model.
     freeze: List[str] = field(default_factory=list)
-    optimizer: Optional[str] = None
+    # null: trainer.optimizer. A name or a _target_ mapping, as trainer.optimizer.
+    optimizer: Any = None
+    # null: trainer.callbacks; a list (even []) replaces them for fine-tuning.
+    callbacks: Optional[List[Any]] = None
     learning_rate: float = 1e-4
     epochs: int = 5
     batch_size: Optional[int] = None
@@ -312,199 +339,12 @@ def flatten(cfg: HarnessConfig) -> Dict[str, str]:
         if isinstance(value, dict) and value:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            # Lists of _target_ mappings (callbacks, metrics): one param per key, by index.
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
         else:
             flat[prefix] = "null" if value is None else str(value)
 
     walk("", dataclasses.asdict(cfg))
     return flat
-
-
-# ---------------------------------------------------------------------------------- checks
-def _check(condition: bool, key: str, got: Any, allowed: str) -> None:
-    if not condition:
-        raise ConfigError(key, got, allowed)
-
-
-def _check_fraction(key: str, value: float, *, open_low: bool = False) -> None:
-    if open_low:
-        _check(0.0 < value <= 1.0, key, value, "a number in (0, 1]")
-    else:
-        _check(0.0 <= value < 1.0, key, value, "a number in [0, 1)")
-
-
-def _check_choice(key: str, value: str, allowed: tuple) -> None:
-    _check(value in allowed, key, value, "one of " + ", ".join(allowed))
-
-
-SELECTOR_INDEX = re.compile(r"^-?\d+$")
-SELECTOR_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")
-
-
-def check_selector_syntax(key: str, selector: str) -> None:
-    """Rejects selectors that can never match a layer (an empty string)."""
-    _check(bool(str(selector).strip()), key, selector,
-           "an index, a slice like 0:-1, a layer name, a glob like conv*, or @base")
-
-
-def _validate_serving(cfg: HarnessConfig) -> None:
-    """In-memory round trips, versioned layout and signatures, and how they combine."""
-    sf = cfg.save_format
-    if sf.in_memory:
-        _check(sf.name in IN_MEMORY_FORMATS, "save_format.name", sf.name,
-               "savedmodel or keras when save_format.in_memory=true (h5 has no in-memory form)")
-        _check(not sf.versioned, "save_format.versioned", sf.versioned,
-               "false when save_format.in_memory=true (nothing is written to version)")
-        # An in-memory run logs no MLflow model (see runner._round_trip): nothing to register.
-        for key, name in (("tracking.register", cfg.tracking.register),
-                          ("sweep.register_best", cfg.sweep.register_best)):
-            _check(name is None, key, name, "null when save_format.in_memory=true (an in-memory "
-                   "run logs no model to register)")
-    if sf.versioned:
-        _check(sf.name == "savedmodel", "save_format.versioned", sf.versioned,
-               "false unless save_format.name=savedmodel (the TensorFlow Serving layout holds "
-               "SavedModels)")
-    for i, name in enumerate(sf.signatures):
-        _check(name in SERVING_SIGNATURES, f"save_format.signatures[{i}]", name,
-               "one of " + ", ".join(SERVING_SIGNATURES))
-    _check(len(set(sf.signatures)) == len(sf.signatures), "save_format.signatures",
-           list(sf.signatures), "distinct signature names")
-    _check(not sf.signatures or sf.name == "savedmodel", "save_format.signatures",
-           list(sf.signatures), "[] unless save_format.name=savedmodel (only a SavedModel "
-           "carries serving signatures)")
-    if "probabilities" in sf.signatures:
-        heads = [("model.output_activation", cfg.model.output_activation)]
-        if cfg.finetune.enabled and cfg.finetune.new_head() is not None:
-            heads.append(("finetune.head.activation", cfg.finetune.head.activation))
-        for key, activation in heads:
-            _check(activation in ("softmax", "sigmoid", "linear"), key, activation,
-                   "softmax, sigmoid or linear when save_format.signatures lists "
-                   "'probabilities' (any other output is not a probability)")
-
-
-def validate(cfg: HarnessConfig) -> None:
-    """Checks ranges and cross-field rules; raises :class:`ConfigError` naming the key."""
-    data, model, trainer = cfg.data, cfg.model, cfg.trainer
-    _check_fraction("data.val_fraction", data.val_fraction)
-    _check_fraction("data.test_fraction", data.test_fraction)
-    _check(data.val_fraction + data.test_fraction < 1.0, "data.test_fraction",
-           data.test_fraction, f"val_fraction + test_fraction below 1 (val_fraction is "
-           f"{data.val_fraction})")
-    if isinstance(data, DigitsDataConfig):
-        for key in ("pretrain_classes", "finetune_classes"):
-            classes = getattr(data, key)
-            _check(bool(classes) and all(0 <= c <= 9 for c in classes)
-                   and len(set(classes)) == len(classes), f"data.{key}", classes,
-                   "a non-empty list of distinct digits 0-9")
-        _check_fraction("data.finetune_fraction", data.finetune_fraction, open_low=True)
-    elif isinstance(data, SyntheticDataConfig):
-        _check(bool(data.shape) and all(d >= 1 for d in data.shape), "data.shape", data.shape,
-               "a non-empty list of positive sizes")
-        for key in ("num_samples", "finetune_num_samples"):
-            _check(getattr(data, key) >= 10, f"data.{key}", getattr(data, key),
-                   "an integer >= 10 (enough for train, validation and test splits)")
-        for key in ("num_classes", "finetune_num_classes"):
-            _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "an integer >= 1")
-    elif isinstance(data, NpzDataConfig):
-        _check(bool(data.path), "data.path", data.path, "the path of an existing .npz file")
-        _check((data.finetune_x_key is None) == (data.finetune_y_key is None),
-               "data.finetune_y_key", data.finetune_y_key,
-               "set together with data.finetune_x_key, or both null")
-
-    _check_choice("model.activation", model.activation, ACTIVATIONS)
-    _check_choice("model.output_activation", model.output_activation, ACTIVATIONS)
-    _check(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "a number in [0, 1)")
-    if isinstance(model, MlpConfig):
-        _check(all(u >= 1 for u in model.units), "model.units", model.units,
-               "a list of positive layer widths")
-    elif isinstance(model, CnnConfig):
-        _check(bool(model.filters) and all(f >= 1 for f in model.filters), "model.filters",
-               model.filters, "a non-empty list of positive filter counts")
-        _check(model.kernel_size >= 1, "model.kernel_size", model.kernel_size, "an integer >= 1")
-        _check(model.dense_units >= 1, "model.dense_units", model.dense_units, "an integer >= 1")
-
-    _check_choice("trainer.optimizer", trainer.optimizer, OPTIMIZERS)
-    _check(trainer.learning_rate > 0, "trainer.learning_rate", trainer.learning_rate,
-           "a number > 0")
-    _check(trainer.epochs >= 0, "trainer.epochs", trainer.epochs, "an integer >= 0")
-    _check(trainer.batch_size >= 1, "trainer.batch_size", trainer.batch_size, "an integer >= 1")
-
-    _check_choice("trainer.strategy", trainer.strategy, STRATEGIES)
-    _check(trainer.cpu_devices >= 0, "trainer.cpu_devices", trainer.cpu_devices,
-           "an integer >= 0 (0 keeps the CPU as one device)")
-    if cfg.tracking.register is not None:
-        _check(cfg.tracking.name != "off" and cfg.tracking.log_models, "tracking.register",
-               cfg.tracking.register, "null while tracking is off or tracking.log_models is "
-               "false (a registered version points at a logged model)")
-    _check_choice("sweep.direction", cfg.sweep.direction, DIRECTIONS)
-    _check(0.0 <= cfg.sweep.max_failure_rate <= 1.0, "sweep.max_failure_rate",
-           cfg.sweep.max_failure_rate, "a fraction in [0, 1]")
-    _check("/" in cfg.sweep.objective, "sweep.objective", cfg.sweep.objective,
-           "a metric the run records, such as finetune/val_accuracy or test/accuracy")
-
-    _check_choice("save_format.name", cfg.save_format.name, SAVE_FORMATS)
-    _check(cfg.save_format.verify_atol >= 0, "save_format.verify_atol",
-           cfg.save_format.verify_atol, "a number >= 0")
-    _check(cfg.save_format.verify_batch_size >= 1, "save_format.verify_batch_size",
-           cfg.save_format.verify_batch_size, "an integer >= 1")
-    _validate_serving(cfg)
-
-    ft = cfg.finetune
-    if ft.enabled:
-        if ft.optimizer is not None:
-            _check_choice("finetune.optimizer", ft.optimizer, OPTIMIZERS)
-        _check(ft.learning_rate > 0, "finetune.learning_rate", ft.learning_rate, "a number > 0")
-        _check(ft.epochs >= 0, "finetune.epochs", ft.epochs, "an integer >= 0")
-        if ft.batch_size is not None:
-            _check(ft.batch_size >= 1, "finetune.batch_size", ft.batch_size, "an integer >= 1")
-        if ft.new_head() is not None:
-            _check(ft.head.num_classes >= 1, "finetune.head.num_classes", ft.head.num_classes,
-                   "an integer >= 1, or null to keep the pretrained output layer")
-            _check(ft.head.pop >= 0, "finetune.head.pop", ft.head.pop, "an integer >= 0")
-            _check_choice("finetune.head.activation", ft.head.activation, ACTIVATIONS)
-        else:
-            _check(ft.head.pop == 0, "finetune.head.pop", ft.head.pop,
-                   "0 when finetune.head.num_classes is null (no new head)")
-        for i, selector in enumerate(ft.freeze):
-            check_selector_syntax(f"finetune.freeze[{i}]", selector)
-        for s, stage in enumerate(ft.stages):
-            _check(stage.learning_rate > 0, f"finetune.stages[{s}].learning_rate",
-                   stage.learning_rate, "a number > 0")
-            _check(stage.epochs >= 0, f"finetune.stages[{s}].epochs", stage.epochs,
-                   "an integer >= 0")
-            for i, selector in enumerate(stage.freeze):
-                check_selector_syntax(f"finetune.stages[{s}].freeze[{i}]", selector)
-
-    source = cfg.source
-    _check_choice("source.name", source.name, SOURCE_KINDS)
-    if isinstance(source, PathSourceConfig):
-        _check(bool(source.path.strip()), "source.path", source.path,
-               "the path of a SavedModel directory, a .keras file or an .h5 file")
-    if isinstance(source, MlflowSourceConfig):
-        _check(bool(MLFLOW_SOURCE_URI.match(source.uri)), "source.uri", source.uri,
-               "models:/<name>/<version>, models:/<name>@<alias>, models:/<model_id> or "
-               "runs:/<run_id>/<path>")
-    for i, pattern in enumerate(source.freeze_variables):
-        _check(bool(str(pattern).strip()), f"source.freeze_variables[{i}]", pattern,
-               "a variable name or glob like 'sequential/dense/*'")
-
-    _check_choice("tracking.name", cfg.tracking.name, TRACKING_MODES)
-    if cfg.tracking.name != "off":
-        _check(bool(cfg.tracking.uri), "tracking.uri", cfg.tracking.uri, "a tracking URI")
-        _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
-               "a non-empty experiment name")
-    _check_choice("tracking.on_unavailable", cfg.tracking.on_unavailable, ON_UNAVAILABLE)
-    _check(cfg.tracking.drain_timeout_s >= 0, "tracking.drain_timeout_s",
-           cfg.tracking.drain_timeout_s, "a number of seconds >= 0")
-    resume = cfg.resume
-    if isinstance(resume, int) and not isinstance(resume, bool):
-        # An all-digit run id parses as an integer on the command line.
-        resume = cfg.resume = str(resume)
-    _check(isinstance(resume, bool) or (isinstance(resume, str) and bool(RUN_ID.match(resume))),
-           "resume", resume, "false, true, or the id of the run to continue (letters, digits, "
-           "'-' and '_')")
-    _check(bool(cfg.checkpoint_root), "checkpoint_root", cfg.checkpoint_root,
-           "a folder for per-run checkpoints")
-    if cfg.tracking.name == "server":
-        _check(cfg.tracking.uri.startswith(("http://", "https://")), "tracking.uri",
-               cfg.tracking.uri, "an http:// or https:// URI when tracking=server")
-

@@ -218,7 +218,7 @@ class MlflowTracker(Tracker):
                 raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri="
                                     f"{self.cfg.uri!r} (experiment {self.cfg.experiment!r}): "
                                     f"{type(exc).__name__}: {str(exc)[:500]}") from exc
-            from tfharness import spool
+            from tfharness.tracking import spool
 
             self.uri = spool.spool_uri(self.cfg.spool_dir)
             self._client = mlflow.MlflowClient(self.uri)
@@ -387,7 +387,7 @@ class MlflowTracker(Tracker):
             link_model_metrics(client, run_id, self._model_id(client, run_id, payload["name"]),
                                payload["keys"])
         elif kind == "figure":
-            from tfharness import plots
+            from tfharness.tracking import plots
 
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / Path(payload["file"]).name
@@ -432,7 +432,7 @@ class MlflowTracker(Tracker):
         ``tags`` go on the logged model (its sha256, where it came from); ``extra_artifacts``
         travel beside the artifact (its sha256 record).
 
-        ``mlflow.pyfunc.load_model`` predicts with it (see ``tfharness/mlflow_model.py``). The pip
+        ``mlflow.pyfunc.load_model`` predicts with it (see ``tfharness/tracking/mlflow_model.py``). The pip
         requirements are given explicitly: inferring them costs seconds per model (a subprocess
         that imports the model). The URI lands in :attr:`model_uris` once :meth:`finish` ran.
         ``step`` is the epoch the model was produced at; see :meth:`deliver` for why it matters.
@@ -485,7 +485,7 @@ class MlflowTracker(Tracker):
         self._submit("call", f"registration of {name} as {registered_name!r}", register)
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
-        from tfharness.naming import table_columns
+        from tfharness.tracking.naming import table_columns
 
         columns = table_columns(rows)
         self._submit("table", f"table {artifact_file}",
@@ -536,7 +536,7 @@ class MlflowTracker(Tracker):
                 + (f", {len(self._undelivered)} spooled for `python -m tfharness.sync`"
                    if self._undelivered else ", all delivered late, none lost"))
         if self._undelivered:
-            from tfharness import spool
+            from tfharness.tracking import spool
 
             where = spool.spool_tail(self, self._undelivered, status, tags)
             log.warning("MLflow store %s still unreachable after %.0f s: %d logging calls and "
@@ -544,7 +544,7 @@ class MlflowTracker(Tracker):
                         "tfharness.sync %s`", self.uri, self.cfg.drain_timeout_s,
                         len(self._undelivered), status, where, self.cfg.spool_dir)
         elif self.spooled_run:
-            from tfharness import spool
+            from tfharness.tracking import spool
 
             spool.spool_tail(self, [], status, tags)
         else:
@@ -555,7 +555,7 @@ class MlflowTracker(Tracker):
             except Exception as exc:
                 if not is_unreachable(exc):
                     raise
-                from tfharness import spool
+                from tfharness.tracking import spool
 
                 spool.spool_tail(self, [], status, tags)
         if not error and self._errors:
@@ -616,7 +616,7 @@ def make_tracker(cfg: TrackingConfig) -> Tracker:
     if cfg.name == "off":
         return Tracker()
     if cfg.process:
-        from tfharness.tracking_process import ProcessTracker
+        from tfharness.tracking.process import ProcessTracker
 
         try:
             return ProcessTracker(cfg)
@@ -649,7 +649,7 @@ def link_model_metrics(client, run_id: str, model_id: Optional[str], keys: List[
 
 
 def run_tags(data: str, model: str, extra: Dict[str, str]) -> Dict[str, str]:
-    from tfharness.run_record import provenance_tags
+    from tfharness.tracking.record import provenance_tags
 
     tags = {"data": data, "model": model, **provenance_tags(), **extra}
     commit = git_commit()

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from tfharness.tracking import sqlite_artifact_root
+from tfharness.tracking.tracker import sqlite_artifact_root
 
 TARGET_URI = "tfharness.spool.target_uri"
 TARGET_RUN = "tfharness.spool.target_run_id"

@@ -41,7 +41,7 @@ import numpy as np
 
 from tfharness.config import HarnessConfig, flatten
 from tfharness.errors import ConfigError, HarnessError, NumericalError, RunInterrupted
-from tfharness.serialization import atomic_write, sweep_partial_writes
+from tfharness.artifacts.serialization import atomic_write, sweep_partial_writes
 
 log = logging.getLogger("tfharness")
 
@@ -306,10 +306,17 @@ def _weights_finite(model) -> bool:
 
 
 def epoch_checkpointer(checkpoints: RunCheckpoints, tracker, phase: str, prefix: str,
-                       step_offset: int = 0, label: Optional[str] = None):
+                       step_offset: int = 0, label: Optional[str] = None,
+                       end_epoch: Optional[int] = None):
     """A Keras callback that, at the end of each epoch: stops on a non-finite loss, writes the
     checkpoint and the state, then queues the epoch's metrics (in that order, see
-    :meth:`RunCheckpoints.complete`)."""
+    :meth:`RunCheckpoints.complete`).
+
+    When a callback before it (EarlyStopping) stopped training, the epoch is recorded as the
+    phase's last: the metric ``<prefix>/stopped_epoch`` (epochs trained) goes with the epoch's
+    metrics and the state counts the phase as done up to ``end_epoch``, so a resumed run does
+    not train on past the stop.
+    """
     import keras
 
     class EpochCheckpoint(keras.callbacks.Callback):
@@ -330,7 +337,11 @@ def epoch_checkpointer(checkpoints: RunCheckpoints, tracker, phase: str, prefix:
                                      f"phase stopped, the last good checkpoint "
                                      f"({checkpoints.state.checkpoint or 'none'}) is kept.")
             metrics = {f"{prefix}/{k}": v for k, v in logs.items()}
-            checkpoints.save_epoch(self.model, phase, epoch + 1, metrics, step_offset + epoch)
+            done = epoch + 1
+            if self.model.stop_training and end_epoch is not None and done < end_epoch:
+                metrics[f"{prefix}/stopped_epoch"] = float(done)
+                done = end_epoch
+            checkpoints.save_epoch(self.model, phase, done, metrics, step_offset + epoch)
             tracker.log_metrics(metrics, step=step_offset + epoch)
 
     return EpochCheckpoint()

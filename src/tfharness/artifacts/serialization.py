@@ -181,7 +181,7 @@ def write_savedmodel(model, path: str | os.PathLike, signatures: Sequence[str] =
     """
     import tensorflow as tf
 
-    from tfharness import serving
+    from tfharness.artifacts import serving
 
     serving.export_savedmodel(model, str(path), signatures)
     metadata = {
@@ -336,7 +336,7 @@ def verify_reload(model, reloaded, loaded, probe: np.ndarray, atol: float, where
         return diff, None
     import tensorflow as tf
 
-    from tfharness import serving
+    from tfharness.artifacts import serving
 
     outputs = loaded.signatures["serving_default"](**{serving.INPUT_NAME: tf.constant(probe)})
     served = outputs.get(serving.default_output_name(model), next(iter(outputs.values())))

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfharness import integrity, serialization
+from tfharness.artifacts import integrity, serialization
 from tfharness.config import MlflowSourceConfig, PathSourceConfig, SourceConfig
 from tfharness.errors import ConfigError, SourceError, VerificationError
 

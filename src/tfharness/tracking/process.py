@@ -46,7 +46,7 @@ import numpy as np
 
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
-from tfharness.tracking import Tracker, ending_of, model_output_and_requirements
+from tfharness.tracking.tracker import Tracker, ending_of, model_output_and_requirements
 
 log = logging.getLogger("tfharness")
 
@@ -60,7 +60,7 @@ class TrackingProcess:
     def __init__(self):
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tfharness.tracking_process", str(theirs.fileno())],
+            [sys.executable, "-m", "tfharness.tracking.process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()])
         theirs.close()
         self._socket = ours
@@ -316,7 +316,7 @@ def _answer_of(tracker, method: str, value):
 
 def serve(fd: int) -> None:
     """The child's loop: one call at a time, in the order the training process made them."""
-    from tfharness.tracking import MlflowTracker
+    from tfharness.tracking.tracker import MlflowTracker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tfharness import serialization
+from tfharness.artifacts import serialization
 from tfharness.errors import SaveError
 
 FORMATS = ("keras", "savedmodel")

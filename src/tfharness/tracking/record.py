@@ -18,7 +18,7 @@ import shlex
 import sys
 from typing import Dict, Mapping, Optional, Sequence
 
-from tfharness.naming import is_operational
+from tfharness.tracking.naming import is_operational
 
 # Packages whose versions decide what a run computes, as their distributions are named.
 VERSIONED_PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "tfharness")
@@ -80,13 +80,9 @@ def source_name(argv: Optional[Sequence[str]] = None) -> str:
     return f"{head} -m" if any(a in ("-m", "--multirun") for a in argv[1:]) else head
 
 
-# Run tags a logged model also carries: the model page shows them as where it was logged from.
-MODEL_SOURCE_TAGS = ("mlflow.source.name", "mlflow.source.type")
-
-
-def model_tags(run_tags: Mapping[str, str]) -> Dict[str, str]:
+def model_tags(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """The tags of a run that its logged models carry too (their "Logged from")."""
-    return {k: run_tags[k] for k in MODEL_SOURCE_TAGS if k in run_tags}
+    return {"mlflow.source.name": source_name(argv)[:500], "mlflow.source.type": "LOCAL"}
 
 
 def package_versions() -> Dict[str, str]:
@@ -129,8 +125,11 @@ def _epochs(n: int) -> str:
 
 def run_summary(cfg, source_kind: Optional[str], finetune_stages: Sequence) -> str:
     """What a run did, in words: ``mlp on digits, pretrained 5 epochs, fine-tuned ...``."""
-    start = (f"{cfg.model.name} on {cfg.data.name}, pretrained {_epochs(cfg.trainer.epochs)}"
-             if source_kind is None else f"{source_kind} source on {cfg.data.name}")
+    from tfharness.config.targets import option_name
+
+    model, data = option_name(cfg.model), option_name(cfg.data)
+    start = (f"{model} on {data}, pretrained {_epochs(cfg.trainer.epochs)}"
+             if source_kind is None else f"{source_kind} source on {data}")
     if not cfg.finetune.enabled:
         return start
     if len(finetune_stages) == 1:

@@ -74,7 +74,7 @@ def record_path(artifact: str | os.PathLike) -> Path:
 
 def write_record(artifact: str | os.PathLike) -> Record:
     """Hashes ``artifact`` and writes ``<artifact>.sha256.json`` beside it (atomically)."""
-    from tfharness.serialization import atomic_write
+    from tfharness.artifacts.serialization import atomic_write
 
     record = record_of(artifact)
     text = json.dumps({"format": RECORD_FORMAT, "sha256": record.sha256,

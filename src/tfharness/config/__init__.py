@@ -1,0 +1,48 @@
+"""The config: typed schemas, ``_target_`` resolution, and the checks types cannot express.
+
+- ``schema``: the dataclasses Hydra validates the shipped options against;
+- ``targets``: how a ``_target_`` mapping is resolved and called, with errors naming the key;
+- ``checks``: :func:`validate`, ranges and cross-field rules.
+
+Nothing here imports TensorFlow, so a bad command line fails in well under a second.
+"""
+
+from tfharness.config.schema import (  # noqa: F401
+    ACTIVATIONS,
+    DIRECTIONS,
+    GROUP_SCHEMAS,
+    IN_MEMORY_FORMATS,
+    MLFLOW_SOURCE_URI,
+    ON_UNAVAILABLE,
+    OPTIMIZERS,
+    RUN_ID,
+    SAVE_FORMATS,
+    SELECTOR_INDEX,
+    SELECTOR_SLICE,
+    SERVING_SIGNATURES,
+    SOURCE_KINDS,
+    STRATEGIES,
+    TRACKING_MODES,
+    CnnConfig,
+    DataConfig,
+    DigitsDataConfig,
+    FinetuneConfig,
+    HarnessConfig,
+    HeadConfig,
+    MlflowSourceConfig,
+    MlpConfig,
+    ModelConfig,
+    NpzDataConfig,
+    PathSourceConfig,
+    SaveFormatConfig,
+    SourceConfig,
+    StageConfig,
+    SweepConfig,
+    SyntheticDataConfig,
+    TrackingConfig,
+    TrainerConfig,
+    flatten,
+    register_configs,
+    to_typed,
+)
+from tfharness.config.checks import check_selector_syntax, validate  # noqa: F401,E402

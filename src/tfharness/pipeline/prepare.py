@@ -1,0 +1,214 @@
+"""Steps 1 and 2: everything settled before an MLflow run opens.
+
+The config is checked, the data loaded, the model built (or the source loaded and verified) and
+every freeze selector resolved here, so bad input of any kind stops the command before a run
+exists. TensorFlow is imported on a thread meanwhile (:func:`import_tensorflow_meanwhile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from tfharness import data as data_lib
+from tfharness import finetune as ft_lib
+from tfharness import models as model_lib
+from tfharness import sources as sources_lib
+from tfharness.artifacts import checkpoint as ckpt_lib
+from tfharness.artifacts import serialization
+from tfharness.config import HarnessConfig
+from tfharness.errors import ConfigError
+from tfharness.pipeline import distribute
+from tfharness.pipeline.context import RunContext
+from tfharness.pipeline.roundtrip import probe_batch
+
+log = logging.getLogger("tfharness")
+
+
+def resume_target(cfg: HarnessConfig, cfg_hash: str) -> Optional[ckpt_lib.RunState]:
+    """The interrupted run ``cfg.resume`` asks to continue; points ``output_dir`` at its folder."""
+    resumed = ckpt_lib.find_resumable(cfg.checkpoint_root, cfg.resume, cfg_hash)
+    if resumed is not None:
+        # One run, one folder: the resumed run keeps writing where it started.
+        log.info("Resuming run %s (%s) from %s", resumed.run_id,
+                 ", ".join(f"{p}: {n} epochs" for p, n in resumed.epochs.items()) or "no epoch",
+                 resumed.output_dir)
+        cfg.output_dir = resumed.output_dir
+    elif cfg.resume is True:
+        log.info("resume=true: no interrupted run with this config in %s; starting a new run",
+                 cfg.checkpoint_root)
+    return resumed
+
+
+def import_tensorflow_meanwhile() -> Optional[threading.Thread]:
+    """Imports Keras and TensorFlow on a thread while this one loads and checks the data.
+
+    Both take seconds; NumPy's random generators and BLAS release the GIL, so the two overlap.
+    It starts once the config is valid: a config error still answers without TensorFlow. The
+    first use of TensorFlow waits for this import (Python's per-module import lock); if it
+    failed, that use imports again and reports the error itself. Returns the thread (None:
+    nothing to load).
+    """
+    if "keras" in sys.modules:
+        return None
+
+    def load() -> None:
+        try:
+            import keras  # noqa: F401  (loads TensorFlow, its backend)
+        except BaseException:  # noqa: BLE001 - reported by the import that needs it
+            pass
+
+    thread = threading.Thread(target=load, name="tfharness-import-tensorflow", daemon=True)
+    thread.start()
+    return thread
+
+
+def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequence[str],
+            resolved_yaml: Optional[str], importer: Optional[threading.Thread]) -> RunContext:
+    """Loads the data, builds or loads the model and plans the fine-tuning; opens no run."""
+    bundle = data_lib.load_data(cfg.data, importer.join if importer is not None else None)
+    if cfg.source.name == "scratch":
+        check_classes(cfg, bundle)
+    probe = probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
+    check_writable("output_dir", cfg.output_dir)
+    check_writable("checkpoint_root", cfg.checkpoint_root)
+    sweep_output_folders(cfg)
+    # TensorFlow is used from here on (waiting for its import, if that is still going).
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    strategy = make_strategy(cfg)
+    check_training_parts(cfg)
+    model, source = build_or_load(cfg, bundle, strategy, probe)
+    return RunContext(cfg=cfg, tracker=tracker, data=bundle, probe=probe, strategy=strategy,
+                      model=model, source=source, frozen_by_stage=plan_freezes(cfg, model),
+                      config_hash=cfg_hash, resumed=resumed, overrides=list(overrides),
+                      resolved_yaml=resolved_yaml)
+
+
+def check_training_parts(cfg: HarnessConfig) -> None:
+    """Builds every optimizer, loss, metric and callback the run will use once, so a bad
+    ``_target_`` (or arguments it rejects) stops the run before it opens."""
+    trainer, ft = cfg.trainer, cfg.finetune
+    model_lib.make_optimizer(trainer.optimizer, trainer.learning_rate, "trainer.optimizer")
+    model_lib.make_loss(trainer.loss)
+    model_lib.make_metrics(trainer.metrics)
+    model_lib.make_callbacks(trainer.callbacks, "trainer.callbacks")
+    if ft.enabled:
+        if ft.optimizer is not None:
+            model_lib.make_optimizer(ft.optimizer, ft.learning_rate, "finetune.optimizer")
+        if ft.callbacks is not None:
+            model_lib.make_callbacks(ft.callbacks, "finetune.callbacks")
+
+
+def check_classes(cfg: HarnessConfig, bundle: data_lib.DataBundle,
+                  pretrained_classes: Optional[int] = None) -> None:
+    """``pretrained_classes``: the output width of a loaded source (default: the data's)."""
+    ft = cfg.finetune
+    if not ft.enabled:
+        return
+    needed = bundle.finetune.num_classes
+    if ft.new_head() is not None:
+        if ft.head.num_classes < needed:
+            raise ConfigError("finetune.head.num_classes", ft.head.num_classes,
+                              f"an integer >= {needed}, the number of fine-tune classes in the "
+                              f"'{bundle.name}' data")
+    elif (pretrained_classes or bundle.pretrain.num_classes) < needed:
+        raise ConfigError("finetune.head.num_classes", None,
+                          f"a new head: the fine-tune data has {needed} classes, the pretrained "
+                          f"output only {pretrained_classes or bundle.pretrain.num_classes}")
+
+
+def check_writable(key: str, folder: str) -> None:
+    """Fails before any training when ``folder`` cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tfharness-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(key, folder, f"a folder this process can write ({exc.strerror})") \
+            from None
+
+
+def sweep_output_folders(cfg: HarnessConfig) -> None:
+    """Removes what an interrupted write left in the output folder (temporary names only)."""
+    models_dir = Path(cfg.output_dir) / "models"
+    # Versioned exports live one level down (models/<stem>/<version>).
+    for folder in [models_dir, *(models_dir.iterdir() if models_dir.is_dir() else []),
+                   Path(cfg.output_dir) / "reports"]:
+        if folder.is_dir() and not folder.name.startswith("."):
+            serialization.sweep_partial_writes(folder)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import keras
+    import tensorflow as tf
+
+    # Each run starts from a clean Keras state: in a sweep, many runs share one process.
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def make_strategy(cfg: HarnessConfig):
+    """The ``trainer.strategy``; each global batch size must split evenly across its replicas."""
+    # Models built in the strategy's scope train under it (a no-op scope by default); saving
+    # and reloading happen outside it (a SavedModel does not load in a replica context).
+    strategy = distribute.make_strategy(cfg.trainer)
+    replicas = strategy.num_replicas_in_sync
+    for key, size in (("trainer.batch_size", cfg.trainer.batch_size),
+                      ("finetune.batch_size", cfg.finetune.batch_size)):
+        if size is not None and size % replicas:
+            # Each global batch is split across the replicas; Keras evaluates only even splits.
+            raise ConfigError(key, size, f"a multiple of the {replicas} replicas of "
+                                         f"trainer.strategy={cfg.trainer.strategy}")
+    return strategy
+
+
+def build_or_load(cfg: HarnessConfig, bundle: data_lib.DataBundle, strategy, probe) -> tuple:
+    """The model to start from and the loaded source (None when built from scratch)."""
+    if cfg.source.name == "scratch":
+        with strategy.scope():
+            return model_lib.build_model(cfg.model, bundle.input_shape,
+                                         bundle.pretrain.num_classes), None
+    # Loaded, checked and verified before any run is opened: a bad source leaves no run.
+    # Outside the strategy's scope, like every reload (see make_strategy).
+    source = sources_lib.load_source(
+        cfg.source, tracking_uri=cfg.tracking.uri, workdir=Path(cfg.output_dir) / "source",
+        input_shape=bundle.input_shape, probe=probe, atol=cfg.save_format.verify_atol)
+    check_source_fits(cfg, source)
+    check_classes(cfg, bundle, source.num_classes)
+    return source.model, source
+
+
+def check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> None:
+    """What a loaded source rules out, checked before a run is opened."""
+    if source.kind == sources_lib.OPAQUE_SAVEDMODEL:
+        head = cfg.finetune.new_head() if cfg.finetune.enabled else None
+        if head is not None and head.pop != 0:
+            raise ConfigError("finetune.head.pop", head.pop,
+                              "0 for a SavedModel without Keras metadata: it loads as one opaque "
+                              "block, so the new head goes on top of its output")
+        if cfg.save_format.name != "savedmodel":
+            raise ConfigError("save_format", cfg.save_format.name,
+                              "savedmodel for a source loaded as an opaque SavedModel block "
+                              "(only a SavedModel can carry the block's graph)")
+
+
+def plan_freezes(cfg: HarnessConfig, model) -> List[set]:
+    """The layers each fine-tune stage freezes; a selector that matches nothing is an error."""
+    frozen_by_stage: List[set] = []
+    if not cfg.finetune.enabled:
+        return frozen_by_stage
+    base_names = model_lib.layer_names(model)
+    head = cfg.finetune.new_head()
+    planned = ft_lib.planned_layers(base_names, head)
+    base_count = len(base_names) - (head.pop if head else 0)
+    for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
+        frozen_by_stage.append(ft_lib.resolve_selectors(
+            stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
+    return frozen_by_stage
