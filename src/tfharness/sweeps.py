@@ -204,7 +204,7 @@ def plot(summary: SweepSummary, swept: List[str], folder: Path) -> List[Path]:
     matplotlib.use("Agg")  # files only: no display on servers and in CI
     import matplotlib.pyplot as plt
 
-    from tfharness.plots import mark_best
+    from tfharness.tracking.plots import mark_best
 
     done = sorted((t for t in summary.trials if t.succeeded), key=lambda t: t.number or 0)
     if not done:

@@ -123,7 +123,7 @@ class Tracker:
         (MLflow's logged-model metrics: the Models page and the model's page show them)."""
 
     def log_figure(self, kind: str, data: Dict, artifact_file: str) -> None:
-        """Draws ``data`` with :data:`tfharness.plots.DRAWERS` ``[kind]`` and logs the PNG."""
+        """Draws ``data`` with :data:`tfharness.tracking.plots.DRAWERS` ``[kind]`` and logs the PNG."""
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         pass
