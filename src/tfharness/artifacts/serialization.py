@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tfharness.artifacts import serving
 from tfharness.errors import SaveError, VerificationError
 
 SUFFIXES = {"savedmodel": "", "keras": ".keras", "h5": ".h5"}
@@ -181,8 +182,6 @@ def write_savedmodel(model, path: str | os.PathLike, signatures: Sequence[str] =
     """
     import tensorflow as tf
 
-    from tfharness.artifacts import serving
-
     serving.export_savedmodel(model, str(path), signatures)
     metadata = {
         "format": METADATA_FORMAT,
@@ -335,8 +334,6 @@ def verify_reload(model, reloaded, loaded, probe: np.ndarray, atol: float, where
     if loaded is None:
         return diff, None
     import tensorflow as tf
-
-    from tfharness.artifacts import serving
 
     outputs = loaded.signatures["serving_default"](**{serving.INPUT_NAME: tf.constant(probe)})
     served = outputs.get(serving.default_output_name(model), next(iter(outputs.values())))
