@@ -59,9 +59,9 @@ def format_value(value: str) -> str:
         number = float(text)
     except ValueError:
         return text.replace(" ", "")
-    if text.lower() in ("nan", "inf", "-inf", "true", "false"):
-        return text
-    return f"{number:g}" if not text.lstrip("-").isdigit() else text
+    # Integers as typed: %g would write 1234567 as 1.23457e+06. Other numbers to six
+    # significant digits; the run's params hold them whole.
+    return text if text.lstrip("-").isdigit() else f"{number:g}"
 
 
 def values_name(values: Dict[str, str], keys: Iterable[str]) -> str:

@@ -302,6 +302,12 @@ class MlflowTracker(Tracker):
     def _work(self) -> None:
         import mlflow
 
+        # The learning-curve plot is drawn here at the end of the run: its imports are done
+        # now, while the run trains, instead of while the run waits to end.
+        from tfharness.tracking import plots
+
+        threading.Thread(target=plots.preload, name="tfharness-preload-plots",
+                         daemon=True).start()
         # MLflow's active run is per thread: make this run the worker's active run too (model
         # logging goes through the fluent API). Retried like any call while the store is down.
         attached = False
