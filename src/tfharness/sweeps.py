@@ -348,8 +348,9 @@ class SweepCallback(Callback):
 
         from tfharness.config import flatten, register_configs, to_typed
         from tfharness.config.targets import option_name
+        from tfharness.rerun import RERUN_OF_ENV
         from tfharness.tracking.naming import sweep_name
-        from tfharness.tracking.record import split_params
+        from tfharness.tracking.record import RERUN_OF_TAG, split_params
         from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
                                         run_tags)
 
@@ -371,6 +372,8 @@ class SweepCallback(Callback):
         run_name = sweep_name(space)
         # Not opened through MLflow's fluent API, so the user is named here.
         tags.setdefault("mlflow.user", _user())
+        if os.environ.get(RERUN_OF_ENV):
+            tags[RERUN_OF_TAG] = os.environ[RERUN_OF_ENV]
         run = self._client.create_run(self._experiment_id, run_name=run_name,
                                       tags={**tags, **typed.tracking.tags})
         self.parent_run_id = run.info.run_id
