@@ -17,9 +17,10 @@ from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError, HarnessError
 from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
-from tfharness.pipeline.roundtrip import probe_batch
+from tfharness.pipeline.roundtrip import model_step, probe_batch
 from tfharness.pipeline import train
 from tfharness.pipeline.train import evaluate
+from tfharness.tracking import record as run_record
 
 log = logging.getLogger("tfharness")
 
@@ -105,11 +106,12 @@ def gather_results(ctx: RunContext) -> None:
     epoch's, for sweeps). Values this process measured are kept.
     """
     result = ctx.result
-    stems = {0: "pretrained", 1: "finetuned"}
     latest: Dict[str, tuple] = {}
     for key, value, step in ctx.ckpt.state.metrics:
         if key.startswith("reload/"):
-            result.metrics.setdefault(f"{key}@{stems.get(step, step)}", value)
+            # Logged as reload/<stem>/<figure>; results name it reload/<figure>@<stem>.
+            _, stem, figure = key.split("/", 2)
+            result.metrics.setdefault(f"reload/{figure}@{stem}", value)
         elif key not in latest or step >= latest[key][0]:
             latest[key] = (step, value)
     for key, (_, value) in latest.items():
@@ -157,8 +159,9 @@ def deliver_missing(ctx: RunContext) -> None:
                     extra["class_names"] = classes
                 tracker.log_model(
                     serialization.load_model(path), stem, probe[:5], Path(path),
-                    tags={sources_lib.SHA256_TAG: digest} if digest else None,
-                    extra_artifacts=extra or None)
+                    tags={**({sources_lib.SHA256_TAG: digest} if digest else {}),
+                          **run_record.model_tags()},
+                    extra_artifacts=extra or None, step=model_step(cfg, stem, ctx.source))
     if missing:
         log.info("resumed run: delivered %d metric points the interrupted process had not",
                  len(missing))

@@ -144,8 +144,9 @@ def pretrain(ctx: RunContext) -> None:
     pretrain_test = evaluate(cfg, model, split)
     measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
                 **{f"pretrain/{k}": v for k, v in fitted.speed.items()}}
-    ckpt.complete("pretrain-test", measured, trainer.epochs)
-    tracker.log_metrics(measured, step=trainer.epochs)
+    # One-off figures of pretraining: one point each, not a point on the epoch axis.
+    ckpt.complete("pretrain-test", measured, 0)
+    tracker.log_metrics(measured)
     ctx.result.metrics.update(measured)
     log.info("pretrain: %d epochs, test accuracy %.4f", trainer.epochs,
              pretrain_test.get("accuracy", float("nan")))
@@ -192,12 +193,26 @@ def _finetune_stages(ctx: RunContext, pretrained) -> tuple:
         ckpt.load_newest_weights(model)
     speed = {"finetune/train_seconds": seconds,
              "finetune/samples_per_second": totals["samples"] / seconds} if seconds else {}
+    if len(reports) > 1 and not ckpt.done("finetune-summary"):
+        # Several stages: the largest change of any frozen weight, one figure to compare runs on.
+        summary = {"finetune/frozen_weight_change_max":
+                   max(r.frozen_weight_change_max for r in reports)}
+        ckpt.complete("finetune-summary", summary, 0)
+        ctx.tracker.log_metrics(summary)
     if frozen_variables:
         change = sources_lib.check_frozen_block_variables(frozen_variables, model)
         speed["finetune/frozen_variable_change_max"] = change
         ctx.tracker.log_metrics({"finetune/frozen_variable_change_max": change})
     speed.update({f"finetune/{k}": v for k, v in totals["last_epoch"].items()})
     return model, reports, speed
+
+
+def stage_prefix(cfg: HarnessConfig, index: int, name: str) -> str:
+    """``finetune`` for a single stage, ``finetune/<stage name>`` for each of several."""
+    if not cfg.finetune.stages:
+        return "finetune"
+    safe = "".join(c if c.isalnum() or c in "_-. " else "_" for c in name) or str(index)
+    return f"finetune/{safe}"
 
 
 def _finetune_stage(ctx: RunContext, model, index: int, stage, frozen: set,
@@ -227,14 +242,16 @@ def _finetune_stage(ctx: RunContext, model, index: int, stage, frozen: set,
     totals["seconds"] += fitted.speed.get("train_seconds", 0.0)
     totals["samples"] += fitted.samples
     report = ft_lib.stage_report(model, stage.name, before, ft_lib.snapshot(model))
+    prefix = stage_prefix(cfg, index, stage.name)
     measured = {
-        "finetune/trainable_params": report.trainable_params,
-        "finetune/frozen_params": report.frozen_params,
-        "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
-        **{f"finetune/{k}": v for k, v in fitted.speed.items()},
+        f"{prefix}/trainable_params": report.trainable_params,
+        f"{prefix}/frozen_params": report.frozen_params,
+        f"{prefix}/frozen_weight_change_max": report.frozen_weight_change_max,
+        **{f"{prefix}/{k}": v for k, v in fitted.speed.items()},
     }
-    ckpt.complete(milestone, measured, index, **{milestone: dataclasses.asdict(report)})
-    ctx.tracker.log_metrics(measured, step=index)
+    # One-off figures of the stage: one point each, under the stage's name.
+    ckpt.complete(milestone, measured, 0, **{milestone: dataclasses.asdict(report)})
+    ctx.tracker.log_metrics(measured)
     log.info("finetune stage '%s': %d epochs at lr %g, %d trainable / %d frozen params, "
              "frozen weight change %g", stage.name, stage.epochs, stage.learning_rate,
              report.trainable_params, report.frozen_params, report.frozen_weight_change_max)
