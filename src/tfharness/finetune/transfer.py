@@ -93,7 +93,9 @@ def attach_head(model, head: HeadConfig):
 
     kept = model.layers[:len(model.layers) - head.pop]
     name = head_layer_name([layer.name for layer in kept])
-    new_head = keras.layers.Dense(head.num_classes, activation=head.activation, name=name)
+    # float32 under a mixed-precision policy too: the softmax and loss stay in float32.
+    new_head = keras.layers.Dense(head.num_classes, activation=head.activation, name=name,
+                                  dtype="float32")
     inputs = keras.Input(shape=model.input_shape[1:], name="features")
     return keras.Sequential([inputs, *kept, new_head], name=f"{model.name}_finetuned")
 

@@ -17,6 +17,7 @@ from typing import Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from tfharness import models as model_lib
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
@@ -53,7 +54,9 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     # schema) on the other core while this one loads the data and TensorFlow.
     tracker = tracking.make_tracker(cfg.tracking)
     importer = prepare.import_tensorflow_meanwhile()
-    with run_ending(tracker, importer, held) as ending:
+    # The run sets its dtype policy (prepare); the caller's comes back when it ends.
+    with model_lib.restoring_policy(), \
+            run_ending(tracker, importer, held) as ending:
         ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml,
                               importer)
         opening.open_run(ctx, parent_run_id, tags or {})

@@ -73,9 +73,12 @@ def replicas(model) -> int:
 
 def compile_for(cfg: HarnessConfig, model, optimizer, learning_rate: float,
                 optimizer_key: str = "trainer.optimizer") -> None:
-    """Compiles with the trainer's loss and metrics."""
-    model_lib.compile_model(model, optimizer, learning_rate, cfg.trainer.loss,
-                            cfg.trainer.metrics, optimizer_key)
+    """Compiles with the trainer's loss, metrics, ``jit_compile`` and ``steps_per_execution``
+    (fine-tune stages too: they train the same way)."""
+    trainer = cfg.trainer
+    model_lib.compile_model(model, optimizer, learning_rate, trainer.loss, trainer.metrics,
+                            optimizer_key, jit_compile=trainer.jit_compile,
+                            steps_per_execution=trainer.steps_per_execution)
 
 
 def evaluate(cfg: HarnessConfig, model, split: data_lib.Split) -> Dict[str, float]:
