@@ -21,7 +21,7 @@ from tfharness import models as model_lib
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
-from tfharness.pipeline import opening, prepare, record, roundtrip, train
+from tfharness.pipeline import distribute, opening, prepare, record, roundtrip, train
 from tfharness.pipeline.context import RunContext, RunResult
 from tfharness.pipeline.ending import run_ending
 
@@ -47,6 +47,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
     validate(cfg)
+    cfg = distribute.for_this_worker(cfg)  # a multi_worker worker other than the chief: no record
     cfg_hash = ckpt_lib.config_hash(cfg)
     held = prepare.resume_target(cfg, cfg_hash)  # a resumed run's checkpoints, locked
     resumed = held.state if held is not None else None

@@ -53,6 +53,7 @@ def fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int
     val = (data_lib.fit_input(split.val, batch_size, shuffle=False, seed=seed,
                               pad_to_multiple=replicas(model))[0]
            if data_lib.has_samples(split.val) else None)
+    distribute.fit_ready(model)
     start = time.perf_counter()
     history = model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=steps, callbacks=list(callbacks), verbose=verbose,
@@ -90,6 +91,7 @@ def evaluate(cfg: HarnessConfig, model, split: data_lib.Split) -> Dict[str, floa
         compile_for(cfg, model, "sgd", 0.0)
     test = data_lib.fit_input(split.test, cfg.trainer.batch_size, shuffle=False, seed=0,
                               pad_to_multiple=replicas(model))[0]
+    distribute.fit_ready(model)
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
 
 
