@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import yaml
 
 import tfharness
 from tfharness import tracking
@@ -50,7 +52,12 @@ def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["tracking.name"] == "server"
+    # Where a run is tracked is an operational setting: in config.yaml, not a param.
+    assert "tracking.name" not in run.data.params
+    (tmp_path / "downloaded").mkdir()
+    config = yaml.safe_load(Path(client.download_artifacts(
+        run.info.run_id, "config.yaml", str(tmp_path / "downloaded"))).read_text())
+    assert config["tracking"]["name"] == "server"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [0, 1]
     # Artifacts went through the server into its artifact destination.
     assert any((tmp_path / "server-artifacts").rglob("saved_model.pb"))

@@ -27,10 +27,6 @@ OPERATIONAL_TAGS = ("output_dir", "checkpoint_root")
 ARGV_TAG = "tfharness.argv"
 RERUN_OF_TAG = "tfharness.rerun_of"
 DESCRIPTION_TAG = "mlflow.note.content"
-# The address of a run list in `mlflow ui` that opens on training runs: MLflow 3.17 opens an
-# experiment on its GenAI pages unless the address says otherwise, and has no experiment setting
-# that changes this (its view follows the address, then the last view the browser used).
-RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def split_params(flat: Mapping[str, str]) -> tuple:
@@ -139,9 +135,3 @@ def run_summary(cfg, source_kind: Optional[str], finetune_stages: Sequence) -> s
     stages = ", ".join(f"{s.name} {_epochs(s.epochs)} at lr {s.learning_rate:g}"
                        for s in finetune_stages)
     return f"{start}, fine-tuned in stages ({stages})"
-
-
-def runs_view(experiment_id: str, uri: str = "") -> str:
-    """The `mlflow ui` address of an experiment's training runs (``uri``: a server's address)."""
-    base = uri.rstrip("/") + "/" if uri.startswith(("http://", "https://")) else ""
-    return base + RUNS_VIEW.format(experiment_id=experiment_id)
