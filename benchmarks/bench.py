@@ -8,7 +8,7 @@ matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job
 process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
-Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|surgery|default|large|mobilenet|images|csv|data]
+Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|surgery|speed|default|large|mobilenet|images|csv|data]
 """
 
 from __future__ import annotations
@@ -506,16 +506,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
-    parser.add_argument("--only", choices=["save-formats", "surgery", *WORKLOADS,
+    parser.add_argument("--only", choices=["save-formats", "surgery", "speed", *WORKLOADS,
                                            *DATA_WORKLOADS],
-                        help="save-formats, surgery, images, csv or data (images and csv): run "
-                             "only that section and replace it in --output; a workload: compare "
-                             "on it only and print the medians (mobilenet: and replace its "
-                             "section)")
+                        help="save-formats, surgery, speed (XLA, mixed precision, steps per "
+                             "execution, batch size: speed_bench.py), images, csv or data "
+                             "(images and csv): run only that section and replace it in "
+                             "--output; a workload: compare on it only and print the medians "
+                             "(mobilenet: and replace its section)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
     root = Path(tempfile.mkdtemp(prefix="tfharness-bench-"))
+    if args.only == "speed":
+        sys.path.insert(0, str(HERE))
+        import speed_bench
+
+        lines = speed_bench.section(speed_bench.measure(1 if args.quick else 3))
+        output = Path(args.output)
+        output.write_text(speed_bench.replace_section(
+            output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
+        print("\n".join(lines))
+        return
     if args.only in DATA_WORKLOADS:
         run_data_workloads(args.only, root, repeats, Path(args.output))
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from tfharness.pipeline import distribute
 from tfharness.config import to_typed, validate
 from tfharness.errors import ConfigError
 
-from conftest import TINY_SYNTHETIC
+from conftest import TINY_SYNTHETIC, free_port
 
 
 def test_mirrored_on_two_logical_cpus_keeps_the_results_contract(tmp_path):
@@ -60,3 +61,57 @@ def test_registering_needs_tracking(make_cfg):
     with pytest.raises(ConfigError, match="tracking.register"):
         validate(cfg)
     assert tfharness.compose(["tracking=local"]).tracking.register is None
+
+
+def _start_worker(index: int, ports, tmp_path, uri: str) -> subprocess.Popen:
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                 "task": {"type": "worker", "index": index}}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tfharness", *TINY_SYNTHETIC, "model.units=[4]",
+         "trainer.epochs=2", "finetune.epochs=1", "trainer.strategy=multi_worker",
+         f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}",
+         f"checkpoint_root={tmp_path / 'checkpoints'}", "print_report=false"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": json.dumps(tf_config)})
+
+
+def test_multi_worker_on_two_local_processes_records_one_run(tmp_path):
+    """Two workers on 127.0.0.1 train together; the chief (worker 0) records the one MLflow run
+    and writes the artifacts; worker 1 opens no run and leaves nothing in the chief's folders."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ports = [free_port(), free_port()]
+    workers = [_start_worker(i, ports, tmp_path, uri) for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=420)[0] for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    for index, (worker, output) in enumerate(zip(workers, outputs)):
+        assert worker.returncode == 0, f"worker {index}:\n{output[-3000:]}"
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tfharness").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["replicas"] == "2"
+    assert run.data.params["trainer.strategy"] == "multi_worker"
+    run_id = run.info.run_id
+    # One point per epoch: the other worker's metrics are not in the run.
+    for key, steps in (("pretrain/loss", [0, 1]), ("finetune/loss", [0]),
+                       ("reload/pretrained/max_abs_diff", [0]),
+                       ("reload/finetuned/max_abs_diff", [0])):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
+    assert run.data.metrics["finetune/frozen_weight_change_max"] == 0.0
+    assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == [
+        "finetuned", "finetuned.sha256.json", "pretrained", "pretrained.sha256.json"]
+    assert "multi_worker: worker 1 trains with the chief" in outputs[1]
+
+
+def test_a_malformed_tf_config_names_it(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ConfigError, match="TF_CONFIG.*not json.*cluster"):
+        distribute.worker_task()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    assert distribute.worker_task() == ("worker", 0, False)
+    monkeypatch.delenv("TF_CONFIG")
+    assert distribute.worker_task() == ("worker", 0, True)

@@ -14,9 +14,11 @@ from tfharness.config.schema import (
     ACTIVATIONS,
     DIRECTIONS,
     IN_MEMORY_FORMATS,
+    JIT_COMPILE,
     MLFLOW_SOURCE_URI,
     ON_UNAVAILABLE,
     OPTIMIZERS,
+    PRECISIONS,
     RUN_ID,
     SAVE_FORMATS,
     SERVING_SIGNATURES,
@@ -176,6 +178,13 @@ def _check_trainer(cfg: HarnessConfig) -> None:
     _check_choice("trainer.strategy", trainer.strategy, STRATEGIES)
     _check(trainer.cpu_devices >= 0, "trainer.cpu_devices", trainer.cpu_devices,
            "an integer >= 0 (0 keeps the CPU as one device)")
+    # Compared by identity and type: 1 == True in Python, and 1 is not a jit_compile value.
+    _check(any(type(trainer.jit_compile) is type(v) and trainer.jit_compile == v
+               for v in JIT_COMPILE), "trainer.jit_compile", trainer.jit_compile,
+           "auto, true or false")
+    _check_choice("trainer.precision", trainer.precision, PRECISIONS)
+    _check(trainer.steps_per_execution >= 1, "trainer.steps_per_execution",
+           trainer.steps_per_execution, "an integer >= 1")
 
 
 def _check_finetune(cfg: HarnessConfig) -> None:

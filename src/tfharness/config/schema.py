@@ -29,6 +29,8 @@ MLFLOW_SOURCE_URI = re.compile(r"^(models:/[^/@]+(/[^/]+|@[^/]+)?|runs:/[^/]+/.+
 SERVING_SIGNATURES = ("probabilities", "logits", "embedding", "classes")
 IN_MEMORY_FORMATS = ("savedmodel", "keras")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILE = ("auto", True, False)
 DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
@@ -252,6 +254,15 @@ class TrainerConfig:
     # Split the CPU into this many logical devices (0: leave it whole). With no GPU this is how
     # mirrored training runs on one machine, one replica per logical CPU.
     cpu_devices: int = 0
+    # XLA for the train, test and predict steps: "auto" is what Keras decides (on TensorFlow:
+    # off without a GPU or under a distribution strategy), true or false force it.
+    jit_compile: Any = "auto"
+    # The Keras dtype policy of the models this run builds (PRECISIONS): the mixed ones compute
+    # in float16/bfloat16 and keep variables in float32; output layers stay float32.
+    precision: str = "float32"
+    # Training steps run per call into TensorFlow (Keras' steps_per_execution): fewer calls,
+    # less per-step overhead; per-batch callbacks then see every N-th batch.
+    steps_per_execution: int = 1
 
 
 # -------------------------------------------------------------------------------- save format

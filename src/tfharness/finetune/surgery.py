@@ -181,8 +181,9 @@ def attach_head(model, head: HeadConfig):
     if head.dropout > 0:
         added.append(keras.layers.Dropout(head.dropout,
                                           name=unique_name(f"{HEAD_NAME}_dropout", taken)))
+    # float32 under a mixed-precision policy too: the softmax and the loss stay in float32.
     added.append(keras.layers.Dense(head.num_classes, activation=head.activation,
-                                    name=unique_name(HEAD_NAME, taken)))
+                                    name=unique_name(HEAD_NAME, taken), dtype="float32"))
     outputs = tensor
     for layer in added:
         outputs = layer(outputs)

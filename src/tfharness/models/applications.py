@@ -188,5 +188,7 @@ def build_keras_application(input_shape: Sequence[int], num_classes: int, *, nam
     x = pool(name="pool")(x)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation=output_activation, name="output")(x)
+    # float32 under a mixed-precision policy too (see tfharness.models.precision).
+    outputs = keras.layers.Dense(num_classes, activation=output_activation, name="output",
+                                 dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"tfharness_{name.lower()}")

@@ -16,6 +16,8 @@ from tfharness.config import targets
 from tfharness.errors import ConfigError
 
 KEY = "model"
+# Output layers compute in float32 under every dtype policy (see tfharness.models.precision).
+OUTPUT_DTYPE = "float32"
 
 
 def build_model(option: Any, input_shape: Tuple[int, ...], num_classes: int):
@@ -42,7 +44,8 @@ def mlp(input_shape: Tuple[int, ...], num_classes: int, units: Sequence[int] = (
         stack.append(layers.Dense(width, activation=activation, name=f"dense_{i}"))
         if dropout > 0:
             stack.append(layers.Dropout(dropout, name=f"dropout_{i}"))
-    stack.append(layers.Dense(num_classes, activation=output_activation, name="output"))
+    stack.append(layers.Dense(num_classes, activation=output_activation, name="output",
+                              dtype=OUTPUT_DTYPE))
     return keras.Sequential(stack, name=f"tfharness_{name}")
 
 
@@ -73,7 +76,8 @@ def cnn(input_shape: Tuple[int, ...], num_classes: int, filters: Sequence[int] =
     stack.append(layers.Dense(dense_units, activation=activation, name="dense"))
     if dropout > 0:
         stack.append(layers.Dropout(dropout, name="dropout"))
-    stack.append(layers.Dense(num_classes, activation=output_activation, name="output"))
+    stack.append(layers.Dense(num_classes, activation=output_activation, name="output",
+                              dtype=OUTPUT_DTYPE))
     return keras.Sequential(stack, name=f"tfharness_{name}")
 
 

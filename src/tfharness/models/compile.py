@@ -65,8 +65,14 @@ def make_metrics(specs: Sequence[Any], key: str = "trainer.metrics") -> List[Any
 
 def compile_model(model, optimizer: Any, learning_rate: float, loss: Any = DEFAULT_LOSS,
                   metrics: Sequence[Any] = DEFAULT_METRICS,
-                  optimizer_key: str = "trainer.optimizer") -> None:
+                  optimizer_key: str = "trainer.optimizer", *, jit_compile: Any = "auto",
+                  steps_per_execution: int = 1) -> None:
     """Compiles with fresh optimizer, loss and metric objects; a new compile is what makes
-    ``trainable`` changes count."""
+    ``trainable`` changes count.
+
+    ``jit_compile`` and ``steps_per_execution`` go to ``model.compile`` as they are. Under a
+    ``mixed_float16`` model, Keras wraps the optimizer in a ``LossScaleOptimizer`` itself.
+    """
     model.compile(optimizer=make_optimizer(optimizer, learning_rate, optimizer_key),
-                  loss=make_loss(loss), metrics=make_metrics(metrics))
+                  loss=make_loss(loss), metrics=make_metrics(metrics), jit_compile=jit_compile,
+                  steps_per_execution=steps_per_execution)

@@ -92,9 +92,11 @@ def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequ
     sweep_output_folders(cfg)
     # TensorFlow is used from here on (waiting for its import, if that is still going).
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    model_lib.set_policy(cfg.trainer.precision)  # after seed_everything's clear_session
     strategy = make_strategy(cfg)
     check_training_parts(cfg)
     model, source = build_or_load(cfg, bundle, strategy, probe)
+    model_lib.warn_if_low_precision_output(model, cfg.trainer.precision)
     return RunContext(cfg=cfg, tracker=tracker, data=bundle, probe=probe, strategy=strategy,
                       model=model, source=source,
                       frozen_by_stage=plan_freezes(cfg, model, source),

@@ -17,10 +17,20 @@ from typing import Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from tfharness import models as model_lib
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
-from tfharness.pipeline import data_record, opening, outcome, prepare, record, roundtrip, train
+from tfharness.pipeline import (
+    data_record,
+    distribute,
+    opening,
+    outcome,
+    prepare,
+    record,
+    roundtrip,
+    train,
+)
 from tfharness.pipeline.context import RunContext, RunResult
 from tfharness.pipeline.ending import run_ending
 
@@ -46,6 +56,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
     validate(cfg)
+    cfg = distribute.for_this_worker(cfg)  # a multi_worker worker other than the chief: no record
     cfg_hash = ckpt_lib.config_hash(cfg)
     held = prepare.resume_target(cfg, cfg_hash)  # a resumed run's checkpoints, locked
     resumed = held.state if held is not None else None
@@ -53,7 +64,9 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     # schema) on the other core while this one loads the data and TensorFlow.
     tracker = tracking.make_tracker(cfg.tracking)
     importer = prepare.import_tensorflow_meanwhile()
-    with run_ending(tracker, importer, held) as ending:
+    # The run sets its dtype policy (prepare); the caller's comes back when it ends.
+    with model_lib.restoring_policy(), \
+            run_ending(tracker, importer, held) as ending:
         ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml,
                               importer)
         opening.open_run(ctx, parent_run_id, tags or {})

@@ -53,6 +53,7 @@ def fit(model, split: data_lib.Split, *, epochs: int, batch_size: int, seed: int
     val = (data_lib.fit_input(split.val, batch_size, shuffle=False, seed=seed,
                               pad_to_multiple=replicas(model))[0]
            if data_lib.has_samples(split.val) else None)
+    distribute.fit_ready(model)
     start = time.perf_counter()
     history = model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=steps, callbacks=list(callbacks), verbose=verbose,
@@ -73,9 +74,12 @@ def replicas(model) -> int:
 
 def compile_for(cfg: HarnessConfig, model, optimizer, learning_rate: float,
                 optimizer_key: str = "trainer.optimizer") -> None:
-    """Compiles with the trainer's loss and metrics."""
-    model_lib.compile_model(model, optimizer, learning_rate, cfg.trainer.loss,
-                            cfg.trainer.metrics, optimizer_key)
+    """Compiles with the trainer's loss, metrics, ``jit_compile`` and ``steps_per_execution``
+    (fine-tune stages too: they train the same way)."""
+    trainer = cfg.trainer
+    model_lib.compile_model(model, optimizer, learning_rate, trainer.loss, trainer.metrics,
+                            optimizer_key, jit_compile=trainer.jit_compile,
+                            steps_per_execution=trainer.steps_per_execution)
 
 
 def evaluate(cfg: HarnessConfig, model, split: data_lib.Split) -> Dict[str, float]:
@@ -87,6 +91,7 @@ def evaluate(cfg: HarnessConfig, model, split: data_lib.Split) -> Dict[str, floa
         compile_for(cfg, model, "sgd", 0.0)
     test = data_lib.fit_input(split.test, cfg.trainer.batch_size, shuffle=False, seed=0,
                               pad_to_multiple=replicas(model))[0]
+    distribute.fit_ready(model)
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
 
 
