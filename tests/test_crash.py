@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,6 +153,25 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
 
 def state_of_output(run) -> str:
     return run.data.params["output_dir"]
+
+
+def test_two_resumes_of_one_run_at_once_one_resumes_the_other_says_so(tmp_path):
+    kill_at(tmp_path, "pretrain-e0002")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    killed = only_run(client)
+    first, second = harness(tmp_path), harness(tmp_path)  # both resume=true, started together
+    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+    assert sorted(code for code, _ in outcomes) == [0, 1], outcomes
+    (refused,) = [stderr for code, stderr in outcomes if code == 1]
+    said = [line for line in refused.splitlines() if line.startswith("tfharness:")]
+    assert len(said) == 1 and "being resumed elsewhere" in said[0] and "'resume'" in said[0]
+    assert "Traceback" not in refused
+    run = only_run(client)  # no second run was opened
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["tfharness.resumes"] == "1"
+    for key, points in histories(client, run.info.run_id).items():
+        epochs = 4 if key.startswith("pretrain") else 3
+        assert [step for step, _ in points] == list(range(epochs)), key  # each epoch once
 
 
 def test_sigkill_takes_the_tracking_process_with_it_and_leaves_the_run_running(tmp_path):
@@ -444,7 +464,8 @@ def test_an_unreachable_server_at_start_spools_the_whole_run_and_sync_replays_it
     dead = f"http://127.0.0.1:{free_port()}"
     quick = [*RUN, "trainer.epochs=2", "finetune.epochs=1", "tracking=server",
              f"tracking.uri={dead}", f"tracking.spool_dir={tmp_path / 'spool'}"]
-    with pytest.raises(tfharness.HarnessError, match="Cannot use the MLflow tracking store"):
+    with pytest.raises(tfharness.HarnessError,
+                       match=re.escape(f"'tracking.uri': got {dead!r}; cannot open the MLflow")):
         tfharness.run(make_cfg(quick))
     result = tfharness.run(make_cfg([*quick, "tracking.on_unavailable=spool"]))
     target = f"sqlite:///{tmp_path / 'server-later.db'}"

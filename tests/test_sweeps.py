@@ -189,7 +189,7 @@ def test_a_sweep_run_in_python_is_nested_and_returns_its_objective(make_cfg, cli
                                                                     tracking_uri):
     """The core called from Python the way a sweep job calls it."""
     import tfharness
-    from tfharness.tracking import sqlite_artifact_root
+    from tfharness.tracking.store import sqlite_artifact_root
 
     experiment = client.create_experiment("tfharness",
                                           artifact_location=sqlite_artifact_root(tracking_uri))

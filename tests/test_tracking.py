@@ -11,6 +11,7 @@ import pytest
 
 import tfharness
 from tfharness import tracking
+from tfharness.tracking import store
 
 from conftest import TINY_SYNTHETIC, free_port
 
@@ -99,9 +100,9 @@ def test_tags_carry_the_git_commit_of_the_working_directory(tmp_path, monkeypatc
 
 
 def test_sqlite_artifacts_go_beside_the_database(tmp_path):
-    root = tracking.sqlite_artifact_root(f"sqlite:///{tmp_path}/sub/mlflow.db")
+    root = store.sqlite_artifact_root(f"sqlite:///{tmp_path}/sub/mlflow.db")
     assert root == (tmp_path / "sub" / "mlartifacts").as_uri()
-    assert tracking.sqlite_artifact_root("http://127.0.0.1:5000") is None
+    assert store.sqlite_artifact_root("http://127.0.0.1:5000") is None
 
 
 def test_an_unreachable_server_is_a_clear_error_before_training(make_cfg, monkeypatch):
@@ -109,7 +110,8 @@ def test_an_unreachable_server_is_a_clear_error_before_training(make_cfg, monkey
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     port = free_port()  # nothing listens there
     cfg = make_cfg([*TINY_SYNTHETIC, "tracking=server", f"tracking.uri=http://127.0.0.1:{port}"])
-    with pytest.raises(tfharness.HarnessError, match=f"tracking.uri='http://127.0.0.1:{port}'"):
+    with pytest.raises(tfharness.HarnessError,
+                       match=f"'tracking.uri': got 'http://127.0.0.1:{port}'; cannot open"):
         tfharness.run(cfg)
 
 

@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 from tfharness.tracking import spool
 from tfharness.errors import HarnessError, TrackingError
-from tfharness.tracking.tracker import sqlite_artifact_root
+from tfharness.tracking import store
 
 METRIC_BATCH = 1000
 SYNCED_FILE = "synced.json"
@@ -100,17 +100,13 @@ def sync(spool_dir: str, target_uri: Optional[str] = None) -> Dict[str, str]:
             if spool.TARGET_URI not in tags or spool.SYNCED_TO in tags:
                 continue
             uri = target_uri or tags[spool.TARGET_URI]
-            target = mlflow.MlflowClient(uri)
             try:
                 if spool.TARGET_RUN in tags:
+                    target = mlflow.MlflowClient(uri)
                     target_run = tags[spool.TARGET_RUN]
                     target.get_run(target_run)
                 else:
-                    found = target.get_experiment_by_name(experiment.name)
-                    # A SQLite target keeps artifacts beside its database, as tracking.py
-                    # does; MLflow's default would be ./mlruns of the current directory.
-                    experiment_id = (found.experiment_id if found else target.create_experiment(
-                        experiment.name, artifact_location=sqlite_artifact_root(uri)))
+                    target, experiment_id = store.open_experiment(uri, experiment.name)
                     kept = {k: v for k, v in tags.items() if not k.startswith("tfharness.spool.")}
                     kept["tfharness.spooled_from"] = run.info.run_id
                     target_run = target.create_run(experiment_id, run_name=run.info.run_name,

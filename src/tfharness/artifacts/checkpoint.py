@@ -148,9 +148,17 @@ def find_resumable(root: str | os.PathLike, resume, cfg_hash: str) -> Optional[R
         return None
     root = Path(root)
     if resume is True:
-        candidates = [s for s in _states(root)
-                      if s.config_hash == cfg_hash and s.status in ("running", "killed")
-                      and not lock_is_held(root / s.run_id)]
+        interrupted = [s for s in _states(root)
+                       if s.config_hash == cfg_hash and s.status in ("running", "killed")]
+        held = {s.run_id for s in interrupted if lock_is_held(root / s.run_id)}
+        candidates = [s for s in interrupted if s.run_id not in held]
+        newest = max(interrupted, key=lambda s: s.updated, default=None)
+        if newest is not None and newest.run_id in held and (
+                newest.status == "killed" or newest.resumes > 0):
+            # The run this command would continue is being continued by another process now.
+            raise ConfigError("resume", resume, f"an interrupted run no other process is "
+                              f"resuming; run {newest.run_id} is being resumed elsewhere "
+                              f"(process {newest.pid} on {newest.host})")
         return max(candidates, key=lambda s: s.updated, default=None)
     state_file = root / str(resume) / STATE_FILE
     if not state_file.is_file():
@@ -179,8 +187,13 @@ class RunCheckpoints:
         self.dir = Path(root) / state.run_id
         self._lock = None
 
-    def acquire(self) -> None:
-        """Takes the run's lock and records this process; cleans partial writes of a dead one."""
+    def acquire(self, resuming: bool = False) -> None:
+        """Takes the run's lock and records this process; cleans partial writes of a dead one.
+
+        Raises:
+            ConfigError: ``resuming`` and another process holds the lock (it resumes the run).
+            HarnessError: another process holds the lock of this new run.
+        """
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             sweep_partial_writes(self.dir)
@@ -193,6 +206,11 @@ class RunCheckpoints:
         except OSError:
             self._lock.close()
             self._lock = None
+            if resuming:
+                raise ConfigError("resume", self.state.run_id,
+                                  "a run no other process is resuming; this one is being "
+                                  f"resumed elsewhere (lock {self.dir / LOCK_FILE} is held): "
+                                  "nothing was changed here") from None
             raise HarnessError(f"Run {self.state.run_id} is already running in another "
                                f"process (lock {self.dir / LOCK_FILE}).") from None
         self.state.pid, self.state.host = os.getpid(), socket.gethostname()

@@ -20,7 +20,7 @@ class Ending:
 
 
 @contextlib.contextmanager
-def run_ending(tracker, importer: Optional[threading.Thread]) -> Iterator[Ending]:
+def run_ending(tracker, importer: Optional[threading.Thread], held=None) -> Iterator[Ending]:
     """Ends the run the block runs, however the block ends.
 
     - The block returns: the tracker delivers everything and ends the MLflow run FINISHED; the
@@ -28,7 +28,8 @@ def run_ending(tracker, importer: Optional[threading.Thread]) -> Iterator[Ending
     - The block raises: a KeyboardInterrupt (Ctrl-C, or SIGTERM through
       :func:`~tfharness.artifacts.checkpoint.interrupt_on_signals`) ends the run KILLED, anything
       else FAILED with the reason in its ``error`` tag; the checkpoint folder is kept for
-      ``resume``. Before the MLflow run opened, this only lets go of the tracker.
+      ``resume``. Before the MLflow run opened, this only lets go of the tracker and of
+      ``held``, the locked checkpoints of the run being resumed (still resumable).
     """
     ending = Ending()
     delivering = False
@@ -40,6 +41,8 @@ def run_ending(tracker, importer: Optional[threading.Thread]) -> Iterator[Ending
         status = "killed" if isinstance(error, KeyboardInterrupt) else "failed"
         if ending.ckpt is not None:
             ending.ckpt.end(status, f"{type(error).__name__}: {error}")
+        elif held is not None:
+            held.release()
         if not delivering:
             tracker.finish(error)
         if importer is not None:

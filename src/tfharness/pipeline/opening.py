@@ -59,12 +59,13 @@ def end_abandoned_runs(ctx: RunContext) -> None:
             "killed", "process died (found by a later run)")
 
 
-def open_checkpoints(ctx: RunContext) -> ckpt_lib.RunCheckpoints:
-    """Holds the run's checkpoint folder (a resumed run's own) for this process."""
-    cfg, tracker, resumed = ctx.cfg, ctx.tracker, ctx.resumed
-    if resumed is not None:
-        state = resumed
-        state.status, state.reason, state.resumes = "running", None, state.resumes + 1
+def open_checkpoints(ctx: RunContext,
+                     held: Optional[ckpt_lib.RunCheckpoints]) -> ckpt_lib.RunCheckpoints:
+    """Holds the run's checkpoint folder for this process (``held``: a resumed run's own,
+    locked already)."""
+    cfg, tracker = ctx.cfg, ctx.tracker
+    if held is not None:
+        ckpt = held
     else:
         state = ckpt_lib.RunState(run_id=tracker.run_id or f"local-{uuid.uuid4().hex}",
                                   config_hash=ctx.config_hash, output_dir=str(cfg.output_dir),
@@ -73,8 +74,8 @@ def open_checkpoints(ctx: RunContext) -> ckpt_lib.RunCheckpoints:
                                   tracking_uri=getattr(tracker, "uri", "") if tracker.run_id
                                   else "",
                                   experiment=cfg.tracking.experiment)
-    ckpt = ckpt_lib.RunCheckpoints(cfg.checkpoint_root, state)
-    ckpt.acquire()
+        ckpt = ckpt_lib.RunCheckpoints(cfg.checkpoint_root, state)
+        ckpt.acquire()
     ctx.result.run_id = tracker.run_id
     if tracker.run_id:
         log.info("MLflow run %s ('%s') in experiment '%s' at %s", tracker.run_id, ctx.run_name,

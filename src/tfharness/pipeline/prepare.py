@@ -30,19 +30,29 @@ from tfharness.pipeline.roundtrip import probe_batch
 log = logging.getLogger("tfharness")
 
 
-def resume_target(cfg: HarnessConfig, cfg_hash: str) -> Optional[ckpt_lib.RunState]:
-    """The interrupted run ``cfg.resume`` asks to continue; points ``output_dir`` at its folder."""
+def resume_target(cfg: HarnessConfig, cfg_hash: str) -> Optional[ckpt_lib.RunCheckpoints]:
+    """The checkpoints of the interrupted run ``cfg.resume`` asks to continue, locked by this
+    process; points ``output_dir`` at its folder. None: a new run.
+
+    The lock comes first, before the run's MLflow run is touched: of two processes resuming the
+    same run at once, one gets it and the other stops here (a ConfigError on ``resume``),
+    having changed nothing.
+    """
     resumed = ckpt_lib.find_resumable(cfg.checkpoint_root, cfg.resume, cfg_hash)
-    if resumed is not None:
-        # One run, one folder: the resumed run keeps writing where it started.
-        log.info("Resuming run %s (%s) from %s", resumed.run_id,
-                 ", ".join(f"{p}: {n} epochs" for p, n in resumed.epochs.items()) or "no epoch",
-                 resumed.output_dir)
-        cfg.output_dir = resumed.output_dir
-    elif cfg.resume is True:
-        log.info("resume=true: no interrupted run with this config in %s; starting a new run",
-                 cfg.checkpoint_root)
-    return resumed
+    if resumed is None:
+        if cfg.resume is True:
+            log.info("resume=true: no interrupted run with this config in %s; starting a new "
+                     "run", cfg.checkpoint_root)
+        return None
+    held = ckpt_lib.RunCheckpoints(cfg.checkpoint_root, resumed)
+    resumed.status, resumed.reason, resumed.resumes = "running", None, resumed.resumes + 1
+    held.acquire(resuming=True)
+    # One run, one folder: the resumed run keeps writing where it started.
+    log.info("Resuming run %s (%s) from %s", resumed.run_id,
+             ", ".join(f"{p}: {n} epochs" for p, n in resumed.epochs.items()) or "no epoch",
+             resumed.output_dir)
+    cfg.output_dir = resumed.output_dir
+    return held
 
 
 def import_tensorflow_meanwhile() -> Optional[threading.Thread]:

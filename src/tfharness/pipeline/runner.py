@@ -47,17 +47,18 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     cfg = to_typed(cfg)
     validate(cfg)
     cfg_hash = ckpt_lib.config_hash(cfg)
-    resumed = prepare.resume_target(cfg, cfg_hash)
+    held = prepare.resume_target(cfg, cfg_hash)  # a resumed run's checkpoints, locked
+    resumed = held.state if held is not None else None
     # The tracker first: by default its process opens the store (imports MLflow, checks the
     # schema) on the other core while this one loads the data and TensorFlow.
     tracker = tracking.make_tracker(cfg.tracking)
     importer = prepare.import_tensorflow_meanwhile()
-    with run_ending(tracker, importer) as ending:
+    with run_ending(tracker, importer, held) as ending:
         ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml,
                               importer)
         opening.open_run(ctx, parent_run_id, tags or {})
         opening.end_abandoned_runs(ctx)
-        ending.ckpt = ctx.ckpt = opening.open_checkpoints(ctx)
+        ending.ckpt = ctx.ckpt = opening.open_checkpoints(ctx, held)
         with ckpt_lib.interrupt_on_signals():
             final_model, final_split = _phases(ctx)
             record.test_metrics(ctx, final_model, final_split)

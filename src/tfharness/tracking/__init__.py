@@ -2,6 +2,7 @@
 
 - ``tracker``: the :class:`Tracker` interface, the MLflow tracker (a logging thread), run tags;
 - ``process``: the tracking process, so MLflow never loads in the training process;
+- ``store``: opening a tracking store (created under a lock, errors naming tracking.uri);
 - ``spool``: the local store a run logs to while its server is unreachable;
 - ``mlflow_model``: the pyfunc wrapper logged with each model (loaded by MLflow by file path).
 """
@@ -21,5 +22,6 @@ from tfharness.tracking.tracker import (  # noqa: F401
     model_output_and_requirements,
     open_experiment,
     run_tags,
-    sqlite_artifact_root,
 )
+from tfharness.tracking.store import sqlite_artifact_root  # noqa: F401
+

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from tfharness.tracking.tracker import sqlite_artifact_root
+from tfharness.tracking import store
 
 TARGET_URI = "tfharness.spool.target_uri"
 TARGET_RUN = "tfharness.spool.target_run_id"
@@ -44,18 +44,14 @@ def model_spec_json(specs: List[Dict]) -> str:
 
 def spool_tail(tracker, jobs: List[list], status: str, tags: Dict[str, str]) -> str:
     """Writes ``jobs`` and the run's final ``status`` and ``tags`` into the spool store."""
-    import mlflow
 
     Path(tracker.cfg.spool_dir).mkdir(parents=True, exist_ok=True)
     uri = spool_uri(tracker.cfg.spool_dir)
-    client = mlflow.MlflowClient(uri)
+    client, experiment_id = store.open_experiment(uri, tracker.cfg.experiment)
     if tracker.spooled_run:
         run_id = tracker.run_id
         models = list(tracker.model_specs)
     else:
-        experiment = client.get_experiment_by_name(tracker.cfg.experiment)
-        experiment_id = (experiment.experiment_id if experiment else client.create_experiment(
-            tracker.cfg.experiment, artifact_location=sqlite_artifact_root(uri)))
         run_id = client.create_run(experiment_id, run_name=f"tail of {tracker.run_id}", tags={
             TARGET_URI: tracker.cfg.uri, TARGET_RUN: tracker.run_id}).info.run_id
         models, skipped = [], []

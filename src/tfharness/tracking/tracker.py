@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 
+from tfharness.tracking import store
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
 
@@ -31,6 +32,8 @@ log = logging.getLogger("tfharness")
 # MLflow accepts at most 100 params per batch call.
 PARAM_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
+# Run names are VARCHAR(250) in MLflow's schema; SQLite ignores that, PostgreSQL refuses more.
+RUN_NAME_LIMIT = 250
 # Run tag prefix holding each logged model's URI: ``tfharness.model_uri.finetuned``.
 MODEL_URI_TAG = "tfharness.model_uri"
 
@@ -45,38 +48,13 @@ def git_commit(cwd: str | os.PathLike | None = None) -> Optional[str]:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def sqlite_artifact_root(uri: str) -> Optional[str]:
-    """Artifacts of a SQLite store go in ``mlartifacts/`` beside the database file.
-
-    Without this MLflow would put them in ``./mlruns`` of whatever directory the run started in.
-    """
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    db_path = Path(uri[len(prefix):]).expanduser().resolve()
-    return (db_path.parent / "mlartifacts").as_uri()
-
-
 def open_experiment(cfg: TrackingConfig):
     """An MlflowClient on ``cfg.uri`` and the id of ``cfg.experiment``, created if missing.
 
     Creating the database and the experiment here, in one process, before any parallel job
     writes to them, is what keeps a fresh SQLite store from racing on its schema.
     """
-    import mlflow
-
-    client = mlflow.MlflowClient(cfg.uri)
-    try:
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            return client, client.create_experiment(
-                cfg.experiment, artifact_location=sqlite_artifact_root(cfg.uri))
-        return client, experiment.experiment_id
-    except Exception as exc:
-        # Before any training: a store that cannot be reached is a setup error, not a crash.
-        raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri={cfg.uri!r} "
-                            f"(experiment {cfg.experiment!r}): {type(exc).__name__}: "
-                            f"{str(exc)[:500]}") from exc
+    return store.open_experiment(cfg.uri, cfg.experiment)
 
 
 class Tracker:
@@ -169,13 +147,6 @@ class MlflowTracker(Tracker):
         # What log_model was asked for: a spooled run's models are logged again by the sync.
         self.model_specs: List[Dict] = []
 
-    def _open_experiment(self, client, uri: str) -> str:
-        experiment = client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        return client.create_experiment(self.cfg.experiment,
-                                        artifact_location=sqlite_artifact_root(uri))
-
     def connect(self) -> None:
         """Imports MLflow and opens the store and the experiment: the slow part of :meth:`start`
         (seconds: imports, the database schema check), done ahead of it by the tracking process
@@ -190,11 +161,12 @@ class MlflowTracker(Tracker):
             # would only hold the queue behind one call.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self._client = mlflow.MlflowClient(self.uri)
         try:
-            self._experiment_id = self._open_experiment(self._client, self.uri)
-        except Exception as exc:
-            self._connect_error = exc
+            self._client, self._experiment_id = store.open_experiment(self.uri,
+                                                                      self.cfg.experiment)
+        except TrackingError as exc:
+            # Kept for start(): a client that could not open its store is never used.
+            self._client, self._connect_error = None, exc
         if self.cfg.log_models:
             # What model logging imports, loaded now rather than while the first model waits.
             import mlflow.models  # noqa: F401
@@ -210,16 +182,16 @@ class MlflowTracker(Tracker):
         self.connect()
         if self._connect_error is not None:
             exc, self._connect_error = self._connect_error, None
-            if self.cfg.on_unavailable != "spool" or resume_run_id is not None:
-                # Before any training: a store that cannot be reached is a setup error.
-                raise TrackingError(f"Cannot use the MLflow tracking store tracking.uri="
-                                    f"{self.cfg.uri!r} (experiment {self.cfg.experiment!r}): "
-                                    f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+            # Only a server that does not answer is worth spooling for; a store that cannot
+            # work at all (a bad scheme or path) is a setup error, before any training.
+            if (self.cfg.on_unavailable != "spool" or resume_run_id is not None
+                    or not is_unreachable(exc)):
+                raise exc
             from tfharness.tracking import spool
 
             self.uri = spool.spool_uri(self.cfg.spool_dir)
-            self._client = mlflow.MlflowClient(self.uri)
-            self._experiment_id = self._open_experiment(self._client, self.uri)
+            self._client, self._experiment_id = store.open_experiment(self.uri,
+                                                                      self.cfg.experiment)
             self.spooled_run = True
             tags = {**tags, spool.TARGET_URI: self.cfg.uri,
                     spool.SPOOL_REASON: f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -232,7 +204,7 @@ class MlflowTracker(Tracker):
             params = {}
         else:
             run = self._client.create_run(
-                self._experiment_id, run_name=run_name,
+                self._experiment_id, run_name=run_name[:RUN_NAME_LIMIT],
                 tags=resolve_tags({**tags, **self.cfg.tags}))
             self.run_id = run.info.run_id
         items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]

@@ -1,0 +1,99 @@
+"""Opening the tracking store: many runs started together on one store, and stores that cannot be
+opened. Real processes, real stores (SQLite under tmp_path, `mlflow server`, PostgreSQL when its
+binaries are installed), checked through MlflowClient by scripts/stress-store."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tfharness.tracking import store
+from tfharness.errors import TrackingError
+
+from conftest import ROOT, TINY_SYNTHETIC, free_port
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import stress_store  # noqa: E402
+
+SRC = str(ROOT / "src")
+
+
+def stress(*args: str) -> dict:
+    """scripts/stress-store with ``args``; returns its JSON summary after checking its exit."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "stress-store"), *args], capture_output=True, text=True,
+        env={**os.environ, "TFHARNESS_NO_SETUP": "1", "PYTHONPATH": SRC}, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_runs_started_together_on_a_fresh_sqlite_store_all_finish_while_another_client_opens_it():
+    summary = stress("--processes", "3", "--rounds", "1", "--poll")
+    assert (summary["runs"], summary["failures"], summary["problems"]) == (3, 0, 0)
+
+
+@pytest.mark.skipif(stress_store.postgres_bin() is None, reason="PostgreSQL is not installed "
+                    "(apt-get install postgresql): initdb and pg_ctl are needed")
+@pytest.mark.skipif(importlib.util.find_spec("psycopg2") is None,
+                    reason="psycopg2 (pip install psycopg2-binary) is not installed")
+def test_runs_started_together_on_a_server_backed_by_postgresql_all_finish():
+    summary = stress("--store", "postgres", "--processes", "3", "--rounds", "1")
+    assert (summary["runs"], summary["failures"], summary["problems"]) == (3, 0, 0)
+
+
+def test_a_fresh_sqlite_store_is_created_once_under_a_lock_beside_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}"
+    client, experiment_id = store.open_experiment(uri, "e")
+    assert (tmp_path / "sub" / "mlflow.db.lock").exists()
+    assert client.get_experiment_by_name("e").experiment_id == experiment_id
+    assert store.open_experiment(uri, "e")[1] == experiment_id  # found, not created again
+
+
+@pytest.mark.parametrize("uri, why", [
+    ("ftp://nowhere", "unsupported URI scheme"),
+    ("sqlite:////proc/no/such.db", "cannot create the folder /proc/no"),
+])
+def test_a_store_that_cannot_be_opened_names_tracking_uri(uri, why):
+    with pytest.raises(TrackingError) as raised:
+        store.open_experiment(uri, "e")
+    message = str(raised.value)
+    assert f"'tracking.uri': got {uri!r}" in message and why in message
+    assert "\n" not in message
+
+
+def test_race_errors_are_told_from_real_ones():
+    try:
+        try:
+            raise RuntimeError("(sqlite3.OperationalError) duplicate column name: step")
+        except RuntimeError as inner:
+            raise ValueError("migration failed") from inner
+    except ValueError as outer:
+        assert store.is_race(outer)
+    assert not store.is_race(PermissionError("attempt to write a readonly database"))
+
+
+@pytest.mark.parametrize("process", ["true", "false"])
+def test_broken_tracking_uris_are_one_line_exit_1_and_no_run(tmp_path, process):
+    down = f"http://127.0.0.1:{free_port()}"
+    for uri in ("ftp://nowhere", "sqlite:////proc/no/such.db", down):
+        done = subprocess.run(
+            [sys.executable, "-m", "tfharness", *TINY_SYNTHETIC, f"tracking.uri={uri}",
+             f"tracking.process={process}", f"output_dir={tmp_path / 'out'}",
+             f"checkpoint_root={tmp_path / 'ckpt'}", "print_report=false"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "3",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        assert done.returncode == 1, (uri, done.stderr[-2000:])
+        said = [line for line in done.stderr.splitlines() if line.startswith("tfharness:")]
+        assert len(said) == 1 and f"'tracking.uri': got {uri!r}" in said[0], done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        # No run anywhere: nothing in the checkpoint folder, no models written.
+        assert not list(Path(tmp_path / "ckpt").glob("*/state.json"))
+        assert not (tmp_path / "out" / "models").exists() or not any(
+            (tmp_path / "out" / "models").iterdir())
