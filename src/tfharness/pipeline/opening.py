@@ -13,6 +13,10 @@ from tfharness.config import flatten
 from tfharness.config.targets import option_name
 from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
+from tfharness.pipeline.fingerprint import FINGERPRINT_FILE, FINGERPRINT_TAG
+
+# Top-level keys recorded as run tags instead of params.
+OPERATIONAL_TAG_KEYS = ("pretrain_cache", "pretrain_wait_s")
 
 log = logging.getLogger("tfharness")
 
@@ -34,6 +38,12 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
         # MLflow's UI nests a run under the run this tag names.
         tags["mlflow.parentRunId"] = parent_run_id
     params = flatten(cfg)
+    # How the run treats earlier pretrainings, not what it trains: tags, not params.
+    for key in OPERATIONAL_TAG_KEYS:
+        tags[key] = params.pop(key)
+    ctx.parent_run_id = parent_run_id
+    if ctx.fingerprint is not None:
+        tags[FINGERPRINT_TAG] = ctx.fingerprint.digest
     if source is not None:
         ctx.lineage = sources_lib.lineage_tags(source)
         tags.update(ctx.lineage)
@@ -44,6 +54,8 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
                   resume_run_id=resumed.run_id if same_store and tracker.run_id is None
                   and cfg.tracking.name != "off" else None)
     data_record.log_data(ctx)
+    if ctx.fingerprint is not None:
+        tracker.log_text(ctx.fingerprint.to_json(), FINGERPRINT_FILE)
 
 
 def end_abandoned_runs(ctx: RunContext) -> None:

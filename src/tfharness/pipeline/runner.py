@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
-from tfharness.pipeline import data_record, opening, prepare, record, roundtrip, train
+from tfharness.pipeline import (data_record, opening, prepare, pretrain_cache, record,
+                                roundtrip, train)
 from tfharness.pipeline.context import RunContext, RunResult
 from tfharness.pipeline.ending import run_ending
 
@@ -86,11 +87,11 @@ def _phases(ctx: RunContext):
     record.log_texts(ctx)
     if ctx.source is not None:
         record.record_source(ctx)
+        # This saves the loaded model in tfharness' format and reloads it, so fine-tuning
+        # starts from a verified model exactly as it does after pretraining.
+        reloaded = roundtrip.round_trip(ctx, ctx.model, "pretrained", 0, ctx.probe)
     else:
-        train.pretrain(ctx)
-    # With a source, this saves the loaded model in tfharness' format and reloads it, so
-    # fine-tuning starts from a verified model exactly as it does after pretraining.
-    reloaded = roundtrip.round_trip(ctx, ctx.model, "pretrained", 0, ctx.probe)
+        reloaded = _pretrained(ctx)
     if not ctx.cfg.finetune.enabled:
         return reloaded, ctx.data.pretrain
     tuned = train.finetune(ctx, reloaded)
@@ -98,3 +99,19 @@ def _phases(ctx: RunContext):
     final_model = roundtrip.round_trip(ctx, tuned, "finetuned", 1, probe)
     record.layer_report(ctx, final_model)
     return final_model, ctx.data.finetune
+
+
+def _pretrained(ctx: RunContext):
+    """Steps 3-4, or the verified pretrained model of an earlier run with the same fingerprint
+    (``pretrain_cache``). Returns the model fine-tuning starts from."""
+    ckpt = ctx.ckpt
+    started = ckpt.done("saved:pretrained") or ckpt.state.phase_epochs("pretrain") > 0
+    found = pretrain_cache.reused_before(ctx) or (
+        None if started else pretrain_cache.find_or_claim(ctx))
+    if found is not None:
+        return pretrain_cache.reuse(ctx, found)
+    if ctx.fingerprint is not None and not started:
+        # Marks the run that later runs with this fingerprint may reuse (once it FINISHED).
+        ctx.tracker.set_tags({pretrain_cache.PRETRAIN_TAG: "trained"})
+    train.pretrain(ctx)
+    return roundtrip.round_trip(ctx, ctx.model, "pretrained", 0, ctx.probe)
