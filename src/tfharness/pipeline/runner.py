@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
-from tfharness.pipeline import (data_record, opening, prepare, pretrain_cache, record,
-                                roundtrip, train)
+from tfharness.pipeline import (data_record, opening, prepare, pretrain_cache, promotion,
+                                record, roundtrip, train)
 from tfharness.pipeline.context import RunContext, RunResult
 from tfharness.pipeline.ending import run_ending
 
@@ -67,16 +67,32 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
             if require_objective:
                 ctx.result.objective = record.objective(cfg, ctx.result.metrics)
                 tracker.log_metrics({"objective": ctx.result.objective})
-            if cfg.tracking.register:
-                tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
-                                       cfg.tracking.register)
+            _register(ctx, final_model, final_split)
     result = ctx.result
     result.model_uris.update(tracker.model_uris)
     result.registered_versions.update(tracker.registered_versions)
     if cfg.print_report:
         record.print_report(result.report, result.metrics, result.run_id, cfg,
-                            data_record.classes_markdown(ctx))
+                            data_record.classes_markdown(ctx), result.pretrain_reused_from)
+        if result.promotion is not None and cfg.tracking.register:
+            promotion.print_decision(result.promotion)
     return result
+
+
+def _register(ctx: RunContext, final_model, final_split) -> None:
+    """``tracking.register`` (with ``tracking.promote``: the alias only for a better model);
+    a sweep trial with ``sweep.register_best`` measures the comparison its sweep decides on."""
+    cfg = ctx.cfg
+    name = cfg.tracking.register or (cfg.sweep.register_best if ctx.parent_run_id else None)
+    decision = None
+    if cfg.tracking.promote and name:
+        decision = ctx.result.promotion = promotion.compare(ctx, final_model, final_split, name)
+        promotion.record(ctx.tracker, decision, decided=bool(cfg.tracking.register))
+    if cfg.tracking.register:
+        ctx.tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
+                                   cfg.tracking.register,
+                                   alias=decision.alias if decision and decision.promoted
+                                   else None)
 
 
 def _phases(ctx: RunContext):
