@@ -8,7 +8,8 @@ matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job
 process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
-Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|default|large|images|csv|data]
+Usage: scripts/bench [--repeats N] [--quick]
+                     [--only save-formats|pretrain-cache|default|large|images|csv|data]
 """
 
 from __future__ import annotations
@@ -358,6 +359,81 @@ def sweeps(folder: Path, jobs: int = 8) -> dict:
     return {"jobs": jobs, "one_process_s": one, "separate_s": separate}
 
 
+# A sweep over fine-tune settings, pretraining keys fixed (issue 16).
+CACHE_SWEEP = "finetune.learning_rate=3e-2,1e-2,3e-3,1e-3,3e-4,1e-4"
+CACHE_SECTION = "## Pretrain once, fine-tune many"
+CACHE_WORKLOADS = {
+    "default experiment": [],
+    # Pretraining dominates: 60 pretraining epochs, 5 of fine-tuning.
+    "pretraining dominates": ["trainer.epochs=60", "finetune.epochs=5"],
+}
+
+
+def cache_sweeps(folder: Path) -> dict:
+    """Each workload's 6-trial fine-tune sweep, in one process (the basic launcher), with
+    ``pretrain_cache=off`` and then ``auto``, each in a fresh store; also the time its trials
+    spent in fine-tuning (``finetune/train_seconds``, from MLflow)."""
+    import mlflow
+
+    results = {}
+    for name, overrides in CACHE_WORKLOADS.items():
+        measured = {}
+        for mode in ("off", "auto"):
+            store = folder / f"cache-{len(results)}-{mode}"
+            store.mkdir()
+            uri = f"sqlite:///{store / 'mlflow.db'}"
+            prepare_store(uri, "tfharness")
+            wall = timed([str(BIN / "tfharness"), "-m", *overrides, CACHE_SWEEP,
+                          f"pretrain_cache={mode}", "print_report=false",
+                          f"tracking.uri={uri}"], store)["wall"]
+            client = mlflow.MlflowClient(uri)
+            runs = client.search_runs(
+                [client.get_experiment_by_name("tfharness").experiment_id],
+                filter_string="tags.`tfharness.pretrain` != ''")
+            measured[mode] = {
+                "wall": wall, "trials": len(runs),
+                "pretrained": sum(r.data.tags.get("tfharness.pretrain") == "trained"
+                                  for r in runs),
+                "finetune_s": sum(r.data.metrics.get("finetune/train_seconds", 0.0)
+                                  for r in runs),
+                "pretrain_s": sum(r.data.metrics.get("pretrain/train_seconds", 0.0)
+                                  for r in runs)}
+            print(f"  {name}, pretrain_cache={mode}: {wall:.1f} s, "
+                  f"{measured[mode]['pretrained']} of {measured[mode]['trials']} trials "
+                  f"pretrained", flush=True)
+        results[name] = measured
+    return results
+
+
+def cache_lines(results: dict) -> list:
+    load = os.getloadavg()[0]
+    lines = [CACHE_SECTION, "",
+             f"A 6-trial sweep over fine-tune settings (`tfharness -m {CACHE_SWEEP}`), pretraining "
+             f"keys fixed, in one process (Hydra's basic launcher), each mode in a fresh store. "
+             f"With `pretrain_cache=auto` the first trial pretrains and the other five reuse its "
+             f"model. Fine-tune and pretrain seconds are the trials' `finetune/train_seconds` and "
+             f"`pretrain/train_seconds` summed. One run each (1-minute load average {load:.1f} "
+             f"after, on a shared machine).", "",
+             "| workload | pretrain_cache | wall s | trials pretrained | pretrain s | "
+             "fine-tune s |", "|---|---|---|---|---|---|"]
+    for name, modes in results.items():
+        for mode, m in modes.items():
+            lines.append(f"| {name} | {mode} | {m['wall']:.1f} | {m['pretrained']} of "
+                         f"{m['trials']} | {m['pretrain_s']:.1f} | {m['finetune_s']:.1f} |")
+    default = results["default experiment"]
+    ratio = default["auto"]["wall"] / default["off"]["wall"]
+    dominated = results["pretraining dominates"]
+    lines += ["", "| target | measured | |", "|---|---|---|",
+              f"| default experiment: auto/off wall <= 0.6 | {ratio:.2f} | "
+              f"{verdict(ratio <= 0.6)} |",
+              f"| pretraining dominates: auto wall against off | "
+              f"{dominated['auto']['wall']:.1f} s vs {dominated['off']['wall']:.1f} s "
+              f"({dominated['auto']['wall'] / dominated['off']['wall']:.2f}); fine-tuning "
+              f"{dominated['auto']['finetune_s']:.1f} s, one pretraining "
+              f"{dominated['auto']['pretrain_s']:.1f} s | reported |"]
+    return lines
+
+
 DATA_WORKLOADS = ("images", "csv", "data")
 
 
@@ -406,7 +482,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
-    parser.add_argument("--only", choices=["save-formats", *WORKLOADS, *DATA_WORKLOADS],
+    parser.add_argument("--only", choices=["save-formats", "pretrain-cache", *WORKLOADS,
+                                           *DATA_WORKLOADS],
                         help="save-formats, images, csv or data (both): run only that section "
                              "and replace it in --output; a workload: compare on it only and "
                              "print the medians")
@@ -414,6 +491,17 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
 
     root = Path(tempfile.mkdtemp(prefix="tfharness-bench-"))
+    if args.only == "pretrain-cache":
+        lines = cache_lines(cache_sweeps(root))
+        output = Path(args.output)
+        text = output.read_text() if output.exists() else "# tfharness benchmark\n"
+        head, marker, rest = text.partition(CACHE_SECTION)
+        following = rest.find("\n## ")
+        output.write_text(
+            head + "\n".join(lines) + (rest[following:] if following >= 0 else "\n")
+            if marker else text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     if args.only in DATA_WORKLOADS:
         run_data_workloads(args.only, root, repeats, Path(args.output))
         return

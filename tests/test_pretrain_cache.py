@@ -187,3 +187,41 @@ def test_promote_needs_a_registered_name_and_a_held_out_metric(make_cfg):
     with pytest.raises(ConfigError, match="'tracking.promote_metric'"):
         tfharness.run(make_cfg([*QUICK, "tracking.register=x", "tracking.promote=champion",
                                 "tracking.promote_metric=finetune/loss"]))
+
+
+def test_a_sweeps_best_trial_worse_than_the_champion_is_registered_without_the_alias(
+        make_cfg, client, tracking_uri):
+    """Today's register_best moved `champion` to the latest sweep's best trial even when it was
+    worse; with tracking.promote the sweep decides on what its best trial measured."""
+    from omegaconf import OmegaConf
+
+    from tfharness.sweeps import SweepCallback, collect
+
+    good = ["model.units=[16]", "trainer.epochs=2", "finetune.epochs=3",
+            "finetune.learning_rate=1e-2"]
+    champion = tfharness.run(make_cfg([*good, "tracking.register=clf",
+                                       "tracking.promote=champion"], out="champion"))
+    assert champion.promotion.promoted
+    experiment = client.get_experiment_by_name("tfharness").experiment_id
+    parent = client.create_run(experiment, tags={"tfharness.sweep": "parent"}).info.run_id
+    trial_cfg = make_cfg([*good, "finetune.learning_rate=1e-9", "sweep.register_best=clf",
+                          "tracking.promote=champion"], out="trial")
+    trial = tfharness.run(trial_cfg, parent_run_id=parent, require_objective=True,
+                          tags={"tfharness.job_num": "0"})
+    measured = client.get_run(trial.run_id).data
+    assert measured.tags["tfharness.promotion.champion"] == "clf/1"
+    assert measured.metrics["promotion/champion"] > measured.metrics["promotion/candidate"]
+    # The sweep's end, as SweepCallback.finish runs it in the launching process.
+    callback = SweepCallback()
+    callback.parent_run_id, callback._client, callback._experiment_id = parent, client, experiment
+    callback._cfg = OmegaConf.create(OmegaConf.to_container(trial_cfg, resolve=True))
+    summary = collect(client, experiment, parent, "finetune/val_accuracy", "maximize")
+    callback._register_champion(summary.best)
+    assert str(client.get_model_version_by_alias("clf", "champion").version) == "1"
+    assert len(client.search_model_versions("name='clf'")) == 2
+    tags = client.get_run(parent).data.tags
+    assert tags["tfharness.registered_model"] == "clf/2"
+    assert tags["tfharness.promotion"].startswith("version 2 not promoted to clf@champion")
+    table = json.loads(Path(client.download_artifacts(
+        parent, "promotion/comparison.json")).read_text())
+    assert table["data"][0][table["columns"].index("decision")] == "not promoted"

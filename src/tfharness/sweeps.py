@@ -160,6 +160,7 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     from mlflow.entities import Param
 
     from tfharness.config import flatten, to_typed
+    from tfharness.config.schema import OPERATIONAL_TAG_KEYS
     from tfharness.tracking.tracker import PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment
 
     try:
@@ -175,9 +176,13 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     run = client.create_run(experiment_id, run_name=run_name, tags={
         "mlflow.parentRunId": parent_run_id, "tfharness.job_num": str(job_num),
         "error": f"{type(error).__name__}: {error}"[:5000]})
-    items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(flatten(typed).items())]
+    params = flatten(typed)
+    tags = {key: params.pop(key) for key in OPERATIONAL_TAG_KEYS}
+    items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
     for i in range(0, len(items), PARAM_BATCH):
         client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id, "FAILED")
 
 
@@ -327,6 +332,7 @@ class SweepCallback(Callback):
 
         from tfharness.config import flatten, register_configs, to_typed
         from tfharness.config.targets import option_name
+        from tfharness.config.schema import OPERATIONAL_TAG_KEYS
         from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
                                         run_tags)
 
@@ -351,7 +357,7 @@ class SweepCallback(Callback):
         self.parent_run_id = run.info.run_id
         params = {**flatten(typed), "sweep.sweeper": sweeper, "sweep.launcher": launcher,
                   **{f"sweep.space.{k}": v for k, v in space.items()}}
-        for key in ("output_dir", "pretrain_cache", "pretrain_wait_s"):
+        for key in ("output_dir", *OPERATIONAL_TAG_KEYS):
             params.pop(key, None)
         items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
         for i in range(0, len(items), PARAM_BATCH):

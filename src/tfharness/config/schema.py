@@ -33,6 +33,9 @@ DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
 PRETRAIN_CACHE_MODES = ("auto", "off", "refresh")
+# Top-level keys that say how a run treats earlier runs, not what it trains: recorded as run
+# tags instead of params.
+OPERATIONAL_TAG_KEYS = ("pretrain_cache", "pretrain_wait_s")
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SELECTOR_INDEX = re.compile(r"^-?\d+$")
 SELECTOR_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")

@@ -10,13 +10,11 @@ from tfharness import sources as sources_lib
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import flatten
+from tfharness.config.schema import OPERATIONAL_TAG_KEYS
 from tfharness.config.targets import option_name
 from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.fingerprint import FINGERPRINT_FILE, FINGERPRINT_TAG
-
-# Top-level keys recorded as run tags instead of params.
-OPERATIONAL_TAG_KEYS = ("pretrain_cache", "pretrain_wait_s")
 
 log = logging.getLogger("tfharness")
 
