@@ -443,11 +443,13 @@ def run_data_workloads(which: str, root: Path, repeats: int, output: Path) -> No
     sys.path.insert(0, str(HERE))
     import data_bench
 
+    load_before = os.getloadavg()[0]
     image_results = (data_bench.images(root, repeats, timed, prepare_store)
                      if which in ("images", "data") else None)
     csv_results = (data_bench.csv(root, repeats, timed, prepare_store)
                    if which in ("csv", "data") else None)
-    lines = data_bench.section(image_results, csv_results, repeats, verdict)
+    lines = data_bench.section(image_results, csv_results, repeats, verdict,
+                               (load_before, os.getloadavg()[0]))
     output.write_text(data_bench.replace_section(
         output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
     print("\n".join(lines))

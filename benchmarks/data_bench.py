@@ -16,8 +16,10 @@ Run by ``scripts/bench --only images|csv|data``; replaces the "Data sources" sec
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +71,17 @@ def _metrics(uri: str) -> dict:
     return run.data.metrics
 
 
+def _first_epoch_end(uri: str) -> float:
+    """When the latest run logged its first epoch (``pretrain/loss`` at step 0), Unix time."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("tfharness")
+    run = client.search_runs([exp.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    points = client.get_metric_history(run.info.run_id, "pretrain/loss")
+    return min(p.timestamp for p in points if p.step == 0) / 1000.0
+
+
 def has_keras_application() -> bool:
     return (HERE.parent / "src" / "tfharness" / "conf" / "model" / "keras_application.yaml").exists()
 
@@ -111,6 +124,10 @@ def images(root: Path, repeats: int, timed, prepare_store) -> dict:
                       for way, runs in samples.items()}
     scaling = {}
     for count, folder in folders.items():
+        if count == big:
+            # Already measured above, on the same folder and command.
+            scaling[count] = out["cnn"]["harness"]["total_rss_mib"]
+            continue
         runs = [timed(harness_images(folder, models["cnn"], uri), root) for _ in range(repeats)]
         scaling[count] = statistics.median(r["total_rss_mib"] for r in runs)
         print(f"  images harness on {count} images: {scaling[count]:.0f} MiB", flush=True)
@@ -145,28 +162,37 @@ def csv(root: Path, repeats: int, timed, prepare_store) -> dict:
     samples = {way: [] for way in ways}
     for repeat in range(repeats):
         for way, command in ways.items():
+            launched = time.time()
             measured = timed(command, root)
             if way == "plain":
                 plain = json.loads(metrics_file.read_text())
                 measured["load_s"] = plain["load_seconds"]
                 measured["epoch_s"] = plain["first_epoch_seconds"]
+                epoch_end = plain["first_epoch_end_unix"]
             else:
                 metrics = _metrics(uri)
                 measured["load_s"] = metrics["data/load_seconds"]
                 measured["epoch_s"] = metrics["pretrain/train_seconds"]
-            measured["load_epoch_s"] = measured["load_s"] + measured["epoch_s"]
+                epoch_end = _first_epoch_end(uri)
+            # From the command's start (imports included) to the end of the first epoch.
+            measured["to_epoch_s"] = epoch_end - launched
             samples[way].append(measured)
-            print(f"  csv #{repeat + 1} {way}: load {measured['load_s']:.2f} s + first epoch "
-                  f"{measured['epoch_s']:.2f} s; process {measured['wall']:.2f} s", flush=True)
+            print(f"  csv #{repeat + 1} {way}: first epoch ended {measured['to_epoch_s']:.2f} s "
+                  f"after start (load {measured['load_s']:.2f} s, epoch "
+                  f"{measured['epoch_s']:.2f} s); process {measured['wall']:.2f} s", flush=True)
     return {way: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
             for way, runs in samples.items()}
 
 
 def section(image_results: dict | None, csv_results: dict | None, repeats: int,
-            verdict) -> list:
+            verdict, load: tuple = ()) -> list:
+    busy = (f" The machine was shared: 1-minute load average {load[0]:.1f} before and "
+            f"{load[1]:.1f} after, on {os.cpu_count()} cores; alternating the ways spreads "
+            f"that over both." if load else "")
     lines = [SECTION, "",
              f"Median of {repeats} alternated runs each; wall is the whole process, start to "
-             f"exit; peak memory is the sum of the peak RSS of the process and its helpers."]
+             f"exit; peak memory is the sum of the peak RSS of the process and its helpers."
+             + busy]
     if image_results:
         work = IMAGES
         lines += ["", f"Images: {image_results['images']} generated JPEGs ({work['classes']} "
@@ -193,18 +219,22 @@ def section(image_results: dict | None, csv_results: dict | None, repeats: int,
     if csv_results:
         work = CSV
         plain, harness = csv_results["plain"], csv_results["harness"]
-        ratio = harness["load_epoch_s"] / plain["load_epoch_s"]
+        ratio = harness["to_epoch_s"] / plain["to_epoch_s"]
         lines += ["", f"CSV: {work['rows']:,} rows, {work['features']} numeric features and a "
                   f"string label ({work['classes']} classes), MLP {work['units']}, batch "
                   f"{work['batch_size']}; both read with `pandas.read_csv`; plain is "
-                  f"`benchmarks/plain_csv.py`.", "",
-                  "| way | load s | first epoch s | load + first epoch s | process wall s |",
+                  f"`benchmarks/plain_csv.py`. Load and first epoch: from the command's start "
+                  f"(imports included) to the end of the first epoch (the harness: the timestamp "
+                  f"of its first `pretrain/loss` point). Load s and epoch s are measured inside "
+                  f"each (the harness reads the file while TensorFlow imports on another "
+                  f"thread, so its load overlaps that import).", "",
+                  "| way | start to first epoch end s | load s | epoch s | process wall s |",
                   "|---|---|---|---|---|",
-                  *(f"| {way} | {m['load_s']:.2f} | {m['epoch_s']:.2f} | {m['load_epoch_s']:.2f} "
+                  *(f"| {way} | {m['to_epoch_s']:.2f} | {m['load_s']:.2f} | {m['epoch_s']:.2f} "
                     f"| {m['wall']:.2f} |" for way, m in csv_results.items()),
                   "", "| target | measured | |", "|---|---|---|",
-                  f"| csv: harness/plain load + first epoch <= 1.10 | {ratio:.3f} | "
-                  f"{verdict(ratio <= 1.10)} |"]
+                  f"| csv: harness/plain load + first epoch (start to first epoch end) <= 1.10 "
+                  f"| {ratio:.3f} | {verdict(ratio <= 1.10)} |"]
     return lines
 
 

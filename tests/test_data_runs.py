@@ -209,3 +209,28 @@ def test_bad_data_is_one_line_exit_1_and_no_run(tmp_path, case, expected):
         experiment = client.get_experiment_by_name("tfharness")
         assert experiment is None or client.search_runs([experiment.experiment_id]) == []
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pb"))
+
+
+@pytest.mark.parametrize("process", [True, False])
+def test_both_trackers_log_dataset_inputs_with_their_context(tmp_path, tracking_uri, client,
+                                                             process):
+    from tfharness.config import TrackingConfig
+    from tfharness.data import records
+    from tfharness.tracking import make_tracker
+
+    tracker = make_tracker(TrackingConfig(uri=tracking_uri, experiment="inputs",
+                                          process=process))
+    tracker.start("inputs", {}, {})
+    record = records.split_record(label="table.csv/pretrain/train", base_digest="abc",
+                                  selection=[1], source=records.local_source(tmp_path / "t.csv"),
+                                  schema=records.column_schema(["a"], "label", "string"),
+                                  rows=10, class_names=["x", "y"])
+    description = records.DataDescription(splits={"pretrain/train": record,
+                                                  "pretrain/test": record})
+    tracker.log_inputs([r.to_dict() for r in description.records(finetune=False)])
+    tracker.finish()
+    inputs = client.get_run(tracker.run_id).inputs.dataset_inputs
+    # One dataset, logged under one context only: MLflow keeps a dataset once per run.
+    assert [(i.dataset.name, i.tags[0].key, i.tags[0].value) for i in inputs] == [
+        ("table.csv/pretrain/train", "mlflow.data.context", "pretrain")]
+    assert json.loads(inputs[0].dataset.profile) == {"num_rows": 10, "num_classes": 2}

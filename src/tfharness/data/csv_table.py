@@ -125,7 +125,8 @@ def feature_array(frame, columns: List[str], key: str, path: Path) -> np.ndarray
     return out
 
 
-def label_array(frame, cfg: CsvDataConfig, key: str, path: Path) -> Tuple[np.ndarray, List[str], str]:
+def label_array(frame, cfg: CsvDataConfig, key: str,
+                path: Path) -> Tuple[np.ndarray, List[str], str]:
     """Class indices (sorted class values), class names and the label's schema type."""
     import pandas as pd
 
@@ -140,9 +141,10 @@ def label_array(frame, cfg: CsvDataConfig, key: str, path: Path) -> Tuple[np.nda
             raise DataError("data.label_column", cfg.label_column, f"a column of class labels "
                             f"(integers or names); {path} holds fractional values like "
                             f"{values[np.mod(values, 1) != 0][0]}")
-        classes, y = np.unique(values.astype(np.int64), return_inverse=True)
+        # factorize hashes; np.unique sorts every value (several times slower on 100,000 rows).
+        y, classes = pd.factorize(values.astype(np.int64), sort=True)
         return y.astype(np.int32), [str(c) for c in classes], "long"
-    classes, y = np.unique(column.astype(str).to_numpy(), return_inverse=True)
+    y, classes = pd.factorize(column.astype(str), sort=True)
     return y.astype(np.int32), [str(c) for c in classes], "string"
 
 

@@ -7,13 +7,12 @@ list of files is held in memory; images are decoded batch by batch, in parallel,
 training (``prefetch``), and kept after the first epoch only when ``data.cache`` asks for it.
 
 Indexing the folders (finding classes, skipping files that are not images, splitting) is plain
-Python, done before TensorFlow is imported, so a bad folder fails at once, naming its key.
+Python, done before any image is read, so a bad folder fails before anything else, naming its key.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -278,10 +277,6 @@ def datasets(cfg: ImageFolderDataConfig, phases: Dict[str, PhaseFiles], seed: in
                 f"{records.sha256_of(files.digests[split], reading)[:12]}",
                 batch_size=batch_size)
     return out
-
-
-def steps(count: int, batch_size: int) -> int:
-    return math.ceil(count / batch_size)
 
 
 def rescaling():

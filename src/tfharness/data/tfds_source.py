@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -136,14 +136,8 @@ def _count(tfds, cfg, split: str, keys: tuple, classes: List[int], total: int,
     return int(stream.reduce(np.int64(0), lambda n, _: n + 1))
 
 
-def load(cfg: TfdsDataConfig, seed: int) -> TfdsData:
-    """Opens the data set, checks keys, splits and classes, and builds each phase's batches."""
-    import tensorflow as tf
-
-    tfds = import_tfds()
-    builder = _builder(tfds, cfg)
-    keys = _keys(builder, cfg)
-    names = _class_names(tfds, builder, keys[1], cfg)
+def _shape(tfds, builder, keys: tuple, cfg: TfdsDataConfig) -> tuple:
+    """``(sample shape after resizing, whether the feature is an image)``."""
     feature = builder.info.features[keys[0]]
     is_image = isinstance(feature, tfds.features.Image)
     shape = tuple(feature.shape)
@@ -155,6 +149,13 @@ def load(cfg: TfdsDataConfig, seed: int) -> TfdsData:
     if any(d is None for d in shape):
         raise DataError("data.image_size", None, f"[height, width]: the images of {cfg.dataset} "
                         f"differ in size {tuple(feature.shape)}")
+    return shape, is_image
+
+
+def _part(tfds, builder, cfg: TfdsDataConfig, keys: tuple, spec: str, key: str,
+          classes: List[int], total: int, seed: Optional[int]) -> tuple:
+    """One part's ``(batches or None, example count)``; ``seed``: shuffle it (training)."""
+    import tensorflow as tf
 
     def prepare(x, y):
         x = tf.cast(x, tf.float32)
@@ -162,41 +163,54 @@ def load(cfg: TfdsDataConfig, seed: int) -> TfdsData:
             x = tf.image.resize(x, cfg.image_size)
         return x, y
 
+    _check_split(builder, cfg, key, spec)
+    count = _count(tfds, cfg, spec, keys, classes, total, key)
+    stream = _relabel(_split_stream(tfds, cfg, spec, keys, key), classes, total)
+    stream = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    stream = stream.apply(tf.data.experimental.assert_cardinality(count))
+    if seed is not None:
+        stream = stream.shuffle(min(cfg.shuffle_buffer, max(count, 1)), seed=seed,
+                                reshuffle_each_iteration=True)
+    batches = stream.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE) if count else None
+    return batches, count
+
+
+def load(cfg: TfdsDataConfig, seed: int) -> TfdsData:
+    """Opens the data set, checks keys, splits and classes, and builds each phase's batches."""
+    tfds = import_tfds()
+    builder = _builder(tfds, cfg)
+    keys = _keys(builder, cfg)
+    names = _class_names(tfds, builder, keys[1], cfg)
+    shape, is_image = _shape(tfds, builder, keys, cfg)
     out = TfdsData(datasets={}, counts={}, class_names={}, input_shape=shape,
                    is_image=is_image, description=records.DataDescription())
-    source_schema = records.tensor_schema(shape)
+    full_name = builder.info.full_name
     for offset, phase in enumerate(("pretrain", "finetune")):
         classes = _phase_classes(cfg, phase, len(names))
-        splits = cfg.finetune_splits if phase == "finetune" and cfg.finetune_splits else cfg.splits
+        own = phase == "finetune" and cfg.finetune_splits is not None
+        splits = cfg.finetune_splits if own else cfg.splits
         out.class_names[phase] = [names[c] for c in classes]
         out.datasets[phase], out.counts[phase] = {}, {}
         for split in SPLITS:
             spec = getattr(splits, split)
-            key = f"data.{'finetune_splits' if splits is cfg.finetune_splits else 'splits'}.{split}"
-            _check_split(builder, cfg, key, spec)
-            count = _count(tfds, cfg, spec, keys, classes, len(names), key)
-            stream = _relabel(_split_stream(tfds, cfg, spec, keys, key), classes, len(names))
-            stream = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-            stream = stream.apply(tf.data.experimental.assert_cardinality(count))
-            if split == "train":
-                stream = stream.shuffle(min(cfg.shuffle_buffer, max(count, 1)), seed=seed + offset,
-                                        reshuffle_each_iteration=True)
-            out.datasets[phase][split] = (stream.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
-                                          if count else None)
-            out.counts[phase][split] = count
+            key = f"data.{'finetune_splits' if own else 'splits'}.{split}"
+            batches, count = _part(tfds, builder, cfg, keys, spec, key, classes, len(names),
+                                   seed + offset if split == "train" else None)
+            out.datasets[phase][split], out.counts[phase][split] = batches, count
             out.description.splits[f"{phase}/{split}"] = records.split_record(
-                label=f"{builder.info.full_name}/{phase}/{split}",
-                base_digest=records.sha256_of("tfds", builder.info.full_name),
+                label=f"{full_name}/{phase}/{split}",
+                base_digest=records.sha256_of("tfds", full_name),
                 selection=[spec, classes, list(shape)],
-                source=("tfds", json.dumps({"name": builder.info.full_name, "split": spec,
+                source=("tfds", json.dumps({"name": full_name, "split": spec,
                                             "data_dir": str(builder.data_dir)})),
-                schema=source_schema, rows=count, class_names=out.class_names[phase])
+                schema=records.tensor_schema(shape), rows=count,
+                class_names=out.class_names[phase])
         if not out.counts[phase]["train"]:
             raise DataError(f"data.{phase}_classes", classes, f"classes with examples in split "
                             f"{splits.train!r} of {cfg.dataset}")
     out.description.class_names = dict(out.class_names)
     out.description.digest = records.sha256_of(
-        "tfds", builder.info.full_name, {p: r.digest for p, r in out.description.splits.items()})
+        "tfds", full_name, {p: r.digest for p, r in out.description.splits.items()})
     return out
 
 

@@ -138,11 +138,14 @@ def deliver_missing(ctx: RunContext) -> None:
                 split = ctx.data.finetune if stem == "finetuned" else ctx.data.pretrain
                 probe = probe_batch(split, cfg.save_format.verify_batch_size)
                 digest = state.values.get("digests", {}).get(stem)
+                extra = {"sha256": integrity.record_path(Path(path))} if digest else {}
+                classes = data_record.class_names_file(ctx, stem)
+                if classes is not None:
+                    extra["class_names"] = classes
                 tracker.log_model(
                     serialization.load_model(path), stem, probe[:5], Path(path),
                     tags={sources_lib.SHA256_TAG: digest} if digest else None,
-                    extra_artifacts={"sha256": integrity.record_path(Path(path))}
-                    if digest else None)
+                    extra_artifacts=extra or None)
     if missing:
         log.info("resumed run: delivered %d metric points the interrupted process had not",
                  len(missing))
