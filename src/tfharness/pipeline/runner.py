@@ -7,8 +7,11 @@
    did not move; 6. save, reload and verify again; 7. evaluate on the test split.
 
 Steps 1-2 are in ``prepare``, 3 and 5 in ``train``, 4 and 6 in ``roundtrip``, 7 and what else a
-run records in ``record``; ``ending`` decides how the run ends. ``run(cfg)`` is plain Python: the
-CLI is a thin Hydra wrapper around it, and tests call it directly.
+run records in ``record``; ``ending`` decides how the run ends. ``pretrain_cache`` replaces steps
+3-4 by an earlier run's verified pretrained model when one with the same ``fingerprint`` exists;
+``promotion`` decides whether a registered version takes ``tracking.promote``'s alias.
+``run(cfg)`` is plain Python: the CLI is a thin Hydra wrapper around it, and tests call it
+directly.
 """
 
 from __future__ import annotations
