@@ -100,7 +100,7 @@ def test_default_command_runs_from_any_directory_into_local_sqlite(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
-    assert run.info.run_name.startswith("data.finetune_num_classes=3")
+    assert run.info.run_name.startswith("data=synthetic shape=[12] samples=60")
     assert "Trainable layers per fine-tune stage" in result.stdout
     outputs = list((tmp_path / "outputs").glob("*/*/models/finetuned/saved_model.pb"))
     assert len(outputs) == 1

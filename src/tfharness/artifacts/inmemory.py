@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from tfharness.artifacts import serialization
+from tfharness.models.applications import register_layers
 from tfharness.errors import SaveError
 
 FORMATS = ("keras", "savedmodel")
@@ -143,6 +144,7 @@ def load_from_bytes(data: bytes):
         # to a local temporary folder first; saving_lib.load_model reads a file object as is.
         from keras.src.saving import saving_lib
 
+        register_layers()
         return saving_lib.load_model(io.BytesIO(data), compile=False, safe_mode=True), None
     scratch = _scratch()
     try:

@@ -10,7 +10,10 @@ Nothing here imports TensorFlow, so a bad command line fails in well under a sec
 from tfharness.config.schema import (  # noqa: F401
     ACTIVATIONS,
     DIRECTIONS,
+    APPLICATION_OWN_KWARGS,
+    APPLICATION_POOLING,
     GROUP_SCHEMAS,
+    HEAD_POOLING,
     IN_MEMORY_FORMATS,
     MLFLOW_SOURCE_URI,
     ON_UNAVAILABLE,
@@ -31,6 +34,7 @@ from tfharness.config.schema import (  # noqa: F401
     FinetuneConfig,
     HarnessConfig,
     HeadConfig,
+    KerasApplicationConfig,
     ImageFolderDataConfig,
     MlflowSourceConfig,
     MlpConfig,

@@ -33,9 +33,11 @@ DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
 PRETRAIN_CACHE_MODES = ("auto", "off", "refresh")
-# Top-level keys that say how a run treats earlier runs, not what it trains: recorded as run
-# tags instead of params.
-OPERATIONAL_TAG_KEYS = ("pretrain_cache", "pretrain_wait_s")
+HEAD_POOLING = ("avg", "max", "flatten")
+APPLICATION_POOLING = ("avg", "max")
+# Keyword arguments of a keras.applications constructor that tfharness decides.
+APPLICATION_OWN_KWARGS = {"include_top", "input_shape", "input_tensor", "classes", "pooling",
+                          "weights", "classifier_activation"}
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SELECTOR_INDEX = re.compile(r"^-?\d+$")
 SELECTOR_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")
@@ -213,6 +215,20 @@ class CnnConfig(ModelConfig):
     dense_units: int = 32
 
 
+@dataclass
+class KerasApplicationConfig(ModelConfig):
+    _target_: str = "tfharness.models.applications.build_keras_application"
+    # Any constructor in keras.applications: MobileNetV2, EfficientNetB0, ResNet50, ...
+    name: str = "MobileNetV2"
+    # imagenet (downloaded once into ~/.keras), null (random initialization) or the path of a
+    # weights file.
+    weights: Optional[str] = "imagenet"
+    # How the backbone's feature map becomes one vector per sample: avg or max.
+    pooling: str = "avg"
+    # Passed to the constructor as they are (alpha=0.35 for MobileNetV2, ...).
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
 # ------------------------------------------------------------------------------------ trainer
 @dataclass
 class TrainerConfig:
@@ -257,8 +273,17 @@ class SaveFormatConfig:
 # ----------------------------------------------------------------------------------- finetune
 @dataclass
 class HeadConfig:
-    # How many layers to drop from the end of the pretrained model before adding the head.
+    # How many layers to drop from the end of the output path before adding the head (0: the
+    # head goes on top of the model's output).
     pop: int = 1
+    # A top-level layer to hang the head from instead of counting with pop (the usual way to cut
+    # a backbone: "base", "out_relu", ...).
+    cut: Optional[str] = None
+    # When the cut output is a feature map (height, width, channels): avg or max global pooling,
+    # or flatten, before the head.
+    pooling: Optional[str] = None
+    # Dropout before the head's Dense layer (0: none).
+    dropout: float = 0.0
     # null keeps the pretrained model's own output layer (no head swap; pop must then be 0).
     num_classes: Optional[int] = 5
     activation: str = "softmax"
@@ -289,6 +314,12 @@ class FinetuneConfig:
     batch_size: Optional[int] = None
     # When non-empty, stages replace the single stage described by freeze/learning_rate/epochs.
     stages: List[StageConfig] = field(default_factory=list)
+    # Keep every BatchNormalization layer frozen (inference mode, weights fixed) even where its
+    # block is unfrozen, as the Keras guide recommends for fine-tuning a pretrained base.
+    freeze_batchnorm: bool = False
+    # Also train the same fine-tune architecture from random initialization on the same data and
+    # budget, and log transfer/gain = fine-tuned test accuracy minus the from-scratch one.
+    transfer_gain: bool = False
 
     def new_head(self) -> Optional[HeadConfig]:
         """The head to attach, or None when the pretrained output layer is kept."""
@@ -404,7 +435,8 @@ class HarnessConfig:
 GROUP_SCHEMAS = {
     "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig,
              "image_folder": ImageFolderDataConfig, "csv": CsvDataConfig, "tfds": TfdsDataConfig},
-    "model": {"mlp": MlpConfig, "cnn": CnnConfig},
+    "model": {"mlp": MlpConfig, "cnn": CnnConfig,
+              "keras_application": KerasApplicationConfig},
     "trainer": {"base": TrainerConfig},
     "save_format": {"base": SaveFormatConfig},
     "finetune": {"base": FinetuneConfig},

@@ -10,11 +10,12 @@ from tfharness import sources as sources_lib
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import flatten
-from tfharness.config.schema import OPERATIONAL_TAG_KEYS
 from tfharness.config.targets import option_name
 from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.fingerprint import FINGERPRINT_FILE, FINGERPRINT_TAG
+from tfharness.tracking import naming
+from tfharness.tracking import record as run_record
 
 log = logging.getLogger("tfharness")
 
@@ -23,7 +24,8 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     """Starts (or, resuming, reopens) the MLflow run with the config as params."""
     cfg, source = ctx.cfg, ctx.source
     data_name, model_name = option_name(cfg.data), option_name(cfg.model)
-    ctx.run_name = cfg.tracking.run_name or ",".join(ctx.overrides) or f"{data_name}-{model_name}"
+    ctx.run_name = cfg.tracking.run_name or naming.run_name(
+        ctx.overrides, fallback=f"{data_name}-{model_name}")
     # With a source, the model group played no part: the tag says what the model came from.
     model_tag = model_name if source is None else f"source:{source.kind}"
     tags = tracking.run_tags(data_name, model_tag, {
@@ -35,10 +37,11 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     if parent_run_id:
         # MLflow's UI nests a run under the run this tag names.
         tags["mlflow.parentRunId"] = parent_run_id
-    params = flatten(cfg)
-    # How the run treats earlier pretrainings, not what it trains: tags, not params.
-    for key in OPERATIONAL_TAG_KEYS:
-        tags[key] = params.pop(key)
+    # Params: what defines the model and its training; the folders and how the run treats
+    # earlier pretrainings (pretrain_cache) go to tags, the rest of the operational settings are
+    # in the config.yaml artifact.
+    params, operational = run_record.split_params(flatten(cfg))
+    tags.update(operational)
     ctx.parent_run_id = parent_run_id
     if ctx.fingerprint is not None:
         tags[FINGERPRINT_TAG] = ctx.fingerprint.digest

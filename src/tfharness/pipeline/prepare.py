@@ -97,7 +97,8 @@ def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequ
     check_training_parts(cfg)
     model, source = build_or_load(cfg, bundle, strategy, probe)
     return RunContext(cfg=cfg, tracker=tracker, data=bundle, probe=probe, strategy=strategy,
-                      model=model, source=source, frozen_by_stage=plan_freezes(cfg, model),
+                      model=model, source=source,
+                      frozen_by_stage=plan_freezes(cfg, model, source),
                       config_hash=cfg_hash, resumed=resumed, overrides=list(overrides),
                       resolved_yaml=resolved_yaml, description=description,
                       data_seconds=data_seconds,
@@ -206,26 +207,28 @@ def check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> N
     """What a loaded source rules out, checked before a run is opened."""
     if source.kind == sources_lib.OPAQUE_SAVEDMODEL:
         head = cfg.finetune.new_head() if cfg.finetune.enabled else None
-        if head is not None and head.pop != 0:
+        if head is not None and head.pop != 0 and head.cut is None:
             raise ConfigError("finetune.head.pop", head.pop,
                               "0 for a SavedModel without Keras metadata: it loads as one opaque "
                               "block, so the new head goes on top of its output")
+        if cfg.finetune.enabled and cfg.finetune.transfer_gain:
+            raise ConfigError("finetune.transfer_gain", True,
+                              "false for a SavedModel without Keras metadata: its opaque block "
+                              "cannot be rebuilt from random initialization")
         if cfg.save_format.name != "savedmodel":
             raise ConfigError("save_format", cfg.save_format.name,
                               "savedmodel for a source loaded as an opaque SavedModel block "
                               "(only a SavedModel can carry the block's graph)")
 
 
-def plan_freezes(cfg: HarnessConfig, model) -> List[set]:
-    """The layers each fine-tune stage freezes; a selector that matches nothing is an error."""
-    frozen_by_stage: List[set] = []
-    if not cfg.finetune.enabled:
-        return frozen_by_stage
-    base_names = model_lib.layer_names(model)
-    head = cfg.finetune.new_head()
-    planned = ft_lib.planned_layers(base_names, head)
-    base_count = len(base_names) - (head.pop if head else 0)
-    for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
-        frozen_by_stage.append(ft_lib.resolve_selectors(
-            stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
-    return frozen_by_stage
+def plan_freezes(cfg: HarnessConfig, model, source=None) -> List[set]:
+    """The layers each fine-tune stage freezes, checked on the model as it will be fine-tuned.
+
+    Also checks that the model has one input and one output and that the head can be attached
+    (the cut exists and everything after it hangs from it; a feature map gets pooling); a
+    selector that matches nothing is an error listing the layers it could match.
+    """
+    ft_lib.check_single_io(model, *(("model", cfg.model.name) if source is None else
+                                    (sources_lib.source_key(cfg.source),
+                                     source.artifact.location)))
+    return ft_lib.plan(model, cfg.finetune) if cfg.finetune.enabled else []

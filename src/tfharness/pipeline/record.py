@@ -17,8 +17,10 @@ from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError, HarnessError
 from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
-from tfharness.pipeline.roundtrip import probe_batch
+from tfharness.pipeline.roundtrip import model_step, probe_batch
+from tfharness.pipeline import train
 from tfharness.pipeline.train import evaluate
+from tfharness.tracking import record as run_record
 
 log = logging.getLogger("tfharness")
 
@@ -85,6 +87,18 @@ def test_metrics(ctx: RunContext, final_model, final_split) -> None:
     ctx.tracker.log_metrics(test)
 
 
+def transfer_gain(ctx: RunContext, final_model, final_split) -> None:
+    """``finetune.transfer_gain``: the from-scratch baseline and ``transfer/gain``, once."""
+    ft = ctx.cfg.finetune
+    if not (ft.enabled and ft.transfer_gain) or ctx.ckpt.done("transfer"):
+        return
+    accuracy = next((value for key, value, _ in reversed(ctx.ckpt.state.metrics)
+                     if key == "test/accuracy"), float("nan"))
+    measured = train.transfer_gain(ctx, final_model, final_split, accuracy)
+    ctx.ckpt.complete("transfer", measured, 0)
+    ctx.tracker.log_metrics(measured)
+
+
 def gather_results(ctx: RunContext) -> None:
     """Fills ``result.metrics`` with what earlier processes of a resumed run measured.
 
@@ -92,11 +106,12 @@ def gather_results(ctx: RunContext) -> None:
     epoch's, for sweeps). Values this process measured are kept.
     """
     result = ctx.result
-    stems = {0: "pretrained", 1: "finetuned"}
     latest: Dict[str, tuple] = {}
     for key, value, step in ctx.ckpt.state.metrics:
         if key.startswith("reload/"):
-            result.metrics.setdefault(f"{key}@{stems.get(step, step)}", value)
+            # Logged as reload/<stem>/<figure>; results name it reload/<figure>@<stem>.
+            _, stem, figure = key.split("/", 2)
+            result.metrics.setdefault(f"reload/{figure}@{stem}", value)
         elif key not in latest or step >= latest[key][0]:
             latest[key] = (step, value)
     for key, (_, value) in latest.items():
@@ -144,8 +159,9 @@ def deliver_missing(ctx: RunContext) -> None:
                     extra["class_names"] = classes
                 tracker.log_model(
                     serialization.load_model(path), stem, probe[:5], Path(path),
-                    tags={sources_lib.SHA256_TAG: digest} if digest else None,
-                    extra_artifacts=extra or None)
+                    tags={**({sources_lib.SHA256_TAG: digest} if digest else {}),
+                          **run_record.model_tags()},
+                    extra_artifacts=extra or None, step=model_step(cfg, stem, ctx.source))
     if missing:
         log.info("resumed run: delivered %d metric points the interrupted process had not",
                  len(missing))

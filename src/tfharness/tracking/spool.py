@@ -60,8 +60,9 @@ def spool_tail(tracker, jobs: List[list], status: str, tags: Dict[str, str]) -> 
                 models.append(job[2])
             elif job[0] == "tags":
                 tags = {**job[2], **tags}  # set on the server run by the sync
-            elif job[0] == "call":
-                # A model registration needs the server's registry: it cannot wait in a spool.
+            elif job[0] in ("call", "link"):
+                # A model registration, or figures linked to a logged model, need the server's
+                # registry and models: they cannot wait in a spool.
                 skipped.append(job[1])
             else:
                 tracker.deliver(job, client, run_id)

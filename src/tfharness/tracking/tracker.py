@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -93,8 +93,15 @@ class Tracker:
 
     def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
                   tags: Optional[Dict[str, str]] = None,
-                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+                  extra_artifacts: Optional[Dict[str, Path]] = None, step: int = 0) -> None:
         pass
+
+    def link_model_metrics(self, name: str, keys: List[str]) -> None:
+        """Links the latest point of each run metric in ``keys`` to the logged model ``name``
+        (MLflow's logged-model metrics: the Models page and the model's page show them)."""
+
+    def log_figure(self, kind: str, data: Dict, artifact_file: str) -> None:
+        """Draws ``data`` with :data:`tfharness.tracking.plots.DRAWERS` ``[kind]`` and logs the PNG."""
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         pass
@@ -275,6 +282,12 @@ class MlflowTracker(Tracker):
     def _work(self) -> None:
         import mlflow
 
+        # The learning-curve plot is drawn here at the end of the run: its imports are done
+        # now, while the run trains, instead of while the run waits to end.
+        from tfharness.tracking import plots
+
+        threading.Thread(target=plots.preload, name="tfharness-preload-plots",
+                         daemon=True).start()
         # MLflow's active run is per thread: make this run the worker's active run too (model
         # logging goes through the fluent API). Retried like any call while the store is down.
         attached = False
@@ -348,10 +361,24 @@ class MlflowTracker(Tracker):
                 signature=payload["signature"],
                 input_example=payload["example"],
                 pip_requirements=payload["requirements"],
+                # MLflow links every run metric at this step to the new model; the runner logs
+                # a model at the epoch after its training, where no metric is yet, and links the
+                # model's own figures afterwards (kind "link").
+                step=payload.get("step", 0),
             )
             self.model_uris[payload["name"]] = info.model_uri
             # Lets a sweep find the model of its best trial from the run alone.
             client.set_tag(run_id, f"{MODEL_URI_TAG}.{payload['name']}", info.model_uri)
+        elif kind == "link":
+            link_model_metrics(client, run_id, self._model_id(client, run_id, payload["name"]),
+                               payload["keys"])
+        elif kind == "figure":
+            from tfharness.tracking import plots
+
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / Path(payload["file"]).name
+                plots.DRAWERS[payload["kind"]](payload["data"], path)
+                client.log_artifact(run_id, str(path), str(Path(payload["file"]).parent))
         elif kind == "tags":
             for key, value in payload.items():
                 client.set_tag(run_id, key, value)
@@ -359,6 +386,17 @@ class MlflowTracker(Tracker):
             client.log_inputs(run_id, datasets=dataset_inputs(payload))
         elif kind == "call":
             payload()
+
+    def _model_id(self, client, run_id: str, name: str) -> Optional[str]:
+        """The id of the model ``name`` this run logged (by this process or an earlier one)."""
+        uri = self.model_uris.get(name, "")
+        if uri.startswith("models:/"):
+            return uri[len("models:/"):]
+        run = client.get_run(run_id)
+        models = client.search_logged_models(
+            [run.info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+        return models[0].model_id if models else None
 
     def _submit(self, kind: str, description: str, payload) -> None:
         # [kind, description, payload, counted as delayed]
@@ -376,7 +414,7 @@ class MlflowTracker(Tracker):
 
     def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
                   tags: Optional[Dict[str, str]] = None,
-                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+                  extra_artifacts: Optional[Dict[str, Path]] = None, step: int = 0) -> None:
         """Logs the saved ``artifact`` of ``model`` as an MLflow model, in the background.
 
         ``tags`` go on the logged model (its sha256, where it came from); ``extra_artifacts``
@@ -385,15 +423,17 @@ class MlflowTracker(Tracker):
         ``mlflow.pyfunc.load_model`` predicts with it (see ``tfharness/tracking/mlflow_model.py``). The pip
         requirements are given explicitly: inferring them costs seconds per model (a subprocess
         that imports the model). The URI lands in :attr:`model_uris` once :meth:`finish` ran.
+        ``step`` is the epoch the model was produced at; see :meth:`deliver` for why it matters.
         """
         output, requirements = model_output_and_requirements(model, example)
         self.log_model_output(name, example, output, artifact, requirements, tags,
-                              extra_artifacts)
+                              extra_artifacts, step=step)
 
     def log_model_output(self, name: str, example: np.ndarray, output: np.ndarray,
                          artifact, requirements: List[str],
                          tags: Optional[Dict[str, str]] = None,
-                         extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+                         extra_artifacts: Optional[Dict[str, Path]] = None,
+                         step: int = 0) -> None:
         """:meth:`log_model` once the model's ``output`` on ``example`` is known (what the
         tracking process receives: it never loads TensorFlow)."""
         from mlflow.models import infer_signature
@@ -401,9 +441,17 @@ class MlflowTracker(Tracker):
         signature = infer_signature(example, output)
         spec = {"name": name, "artifact": str(artifact), "signature": signature,
                 "example": example, "requirements": requirements, "tags": dict(tags or {}),
-                "extra_artifacts": {k: str(v) for k, v in (extra_artifacts or {}).items()}}
+                "extra_artifacts": {k: str(v) for k, v in (extra_artifacts or {}).items()},
+                "step": int(step)}
         self.model_specs.append(spec)
         self._submit("model", f"model {name}", spec)
+
+    def link_model_metrics(self, name: str, keys: List[str]) -> None:
+        self._submit("link", f"metrics of model {name}", {"name": name, "keys": list(keys)})
+
+    def log_figure(self, kind: str, data: Dict, artifact_file: str) -> None:
+        self._submit("figure", f"figure {artifact_file}",
+                     {"kind": kind, "data": data, "file": artifact_file})
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         items = dict(tags)
@@ -441,10 +489,9 @@ class MlflowTracker(Tracker):
         self._submit("call", f"model input {model_id}", link)
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
-        columns: Dict[str, list] = {}
-        for row in rows:
-            for key, value in row.items():
-                columns.setdefault(key, []).append(value)
+        from tfharness.tracking.naming import table_columns
+
+        columns = table_columns(rows)
         self._submit("table", f"table {artifact_file}",
                      {"columns": columns, "file": artifact_file})
 
@@ -595,8 +642,32 @@ def make_tracker(cfg: TrackingConfig) -> Tracker:
     return MlflowTracker(cfg)
 
 
+def link_model_metrics(client, run_id: str, model_id: Optional[str], keys: List[str]) -> None:
+    """Links the latest point of each run metric in ``keys`` to the logged model ``model_id``.
+
+    The point is logged again, unchanged, with the model's id: the run's history keeps one point
+    (MLflow drops an exact duplicate) and the model carries the run's final value. Keys the run
+    did not record are skipped; so is everything when the model was not logged.
+    """
+    from mlflow.entities import Metric
+
+    if model_id is None:
+        return
+    points = []
+    for key in keys:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            # The point MLflow shows as the run's value: latest step, then latest time.
+            last = max(history, key=lambda m: (m.step, m.timestamp, m.value))
+            points.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    for i in range(0, len(points), 1000):  # MLflow's limit of metrics per batch
+        client.log_batch(run_id, metrics=points[i:i + 1000])
+
+
 def run_tags(data: str, model: str, extra: Dict[str, str]) -> Dict[str, str]:
-    tags = {"data": data, "model": model, "command": " ".join(sys.argv), **extra}
+    from tfharness.tracking.record import provenance_tags
+
+    tags = {"data": data, "model": model, **provenance_tags(), **extra}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
