@@ -129,8 +129,11 @@ def timed(command, cwd) -> dict:
         raise RuntimeError(f"{command[:3]} failed ({process.returncode}):\n"
                            f"{stderr.decode()[-3000:]}")
     own = usage.ru_maxrss / 1024
+    # CPU seconds of the process and the helpers it waited for (its tracking process): what
+    # the work cost, whatever else the machine was running.
     return {"wall": wall, "rss_mib": own, "helpers_rss_mib": sum(peaks.values()) / 1024,
-            "total_rss_mib": own + sum(peaks.values()) / 1024}
+            "total_rss_mib": own + sum(peaks.values()) / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def prepare_store(uri: str, experiment: str) -> None:

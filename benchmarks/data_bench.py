@@ -191,7 +191,9 @@ def section(image_results: dict | None, csv_results: dict | None, repeats: int,
             f"that over both." if load else "")
     lines = [SECTION, "",
              f"Median of {repeats} alternated runs each; wall is the whole process, start to "
-             f"exit; peak memory is the sum of the peak RSS of the process and its helpers."
+             f"exit; CPU is the user + system time of the process and the helpers it waited "
+             f"for (its tracking process); peak memory is the sum of the peak RSS of the "
+             f"process and its helpers."
              + busy]
     if image_results:
         work = IMAGES
@@ -200,11 +202,12 @@ def section(image_results: dict | None, csv_results: dict | None, repeats: int,
                   f"{work['size']}), {work['epochs']} epochs, batch {work['batch_size']}, no "
                   f"fine-tuning; plain is `image_dataset_from_directory` + `fit` + export and "
                   f"check (`benchmarks/plain_images.py`).", "",
-                  "| model | way | wall s | images/s | peak MiB |", "|---|---|---|---|---|"]
+                  "| model | way | wall s | CPU s | images/s | peak MiB |",
+                  "|---|---|---|---|---|---|"]
         for model, ways in image_results["models"].items():
             for way, m in ways.items():
-                lines.append(f"| {model} | {way} | {m['wall']:.2f} | {m['images_per_s']:.0f} | "
-                             f"{m['total_rss_mib']:.0f} |")
+                lines.append(f"| {model} | {way} | {m['wall']:.2f} | {m['cpu_s']:.1f} | "
+                             f"{m['images_per_s']:.0f} | {m['total_rss_mib']:.0f} |")
         lines += ["", "| target | measured | |", "|---|---|---|"]
         for model, ways in image_results["models"].items():
             ratio = ways["harness"]["wall"] / ways["plain"]["wall"]
@@ -228,10 +231,10 @@ def section(image_results: dict | None, csv_results: dict | None, repeats: int,
                   f"of its first `pretrain/loss` point). Load s and epoch s are measured inside "
                   f"each (the harness reads the file while TensorFlow imports on another "
                   f"thread, so its load overlaps that import).", "",
-                  "| way | start to first epoch end s | load s | epoch s | process wall s |",
-                  "|---|---|---|---|---|",
+                  "| way | start to first epoch end s | load s | epoch s | process wall s | "
+                  "process CPU s |", "|---|---|---|---|---|---|",
                   *(f"| {way} | {m['to_epoch_s']:.2f} | {m['load_s']:.2f} | {m['epoch_s']:.2f} "
-                    f"| {m['wall']:.2f} |" for way, m in csv_results.items()),
+                    f"| {m['wall']:.2f} | {m['cpu_s']:.1f} |" for way, m in csv_results.items()),
                   "", "| target | measured | |", "|---|---|---|",
                   f"| csv: harness/plain load + first epoch (start to first epoch end) <= 1.10 "
                   f"| {ratio:.3f} | {verdict(ratio <= 1.10)} |"]
