@@ -460,8 +460,9 @@ def cache_lines(results: dict) -> list:
     lines += ["", "| target | measured | |", "|---|---|---|",
               f"| default experiment: auto/off wall <= 0.6 | {ratio:.2f} | "
               f"{verdict(ratio <= 0.6)} |",
-              f"| default experiment: pretraining `fit` share of the off sweep's wall (the "
-              f"most the cache can save; the rest is fine-tuning and per-trial work) | "
+              f"| default experiment: pretraining `fit` share of the off sweep's wall (what "
+              f"the cache removes besides the pretrained model's evaluation, save, reload and "
+              f"logging; the rest is fine-tuning and per-trial work) | "
               f"{100 * share:.0f}% | reported |",
               f"| in runs: auto/off, default experiment; pretraining dominates | "
               f"{default['auto']['runs_s'] / default['off']['runs_s']:.2f}; "
