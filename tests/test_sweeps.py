@@ -54,8 +54,9 @@ def test_parallel_grid_on_a_fresh_sqlite_store_loses_no_run_and_no_point(tmp_pat
     database and the experiment before any job starts, so no job races on the schema."""
     db = tmp_path / "fresh.db"
     uri = f"sqlite:///{db}"
+    # pretrain_cache=off: every job pretrains, so every child has every pretraining point.
     out = sweep("hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "model.units=[4]",
-                "trainer.epochs=3", "finetune.epochs=2",
+                "trainer.epochs=3", "finetune.epochs=2", "pretrain_cache=off",
                 "trainer.learning_rate=1e-2,1e-3", "finetune.learning_rate=1e-1,1e-2",
                 cwd=tmp_path, uri=uri)
     assert out.returncode == 0, out.stderr[-3000:]

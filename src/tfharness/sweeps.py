@@ -46,7 +46,10 @@ class Trial:
     objective: Optional[float]
     params: Dict[str, str]
     error: Optional[str] = None
+    # How the trial got its pretrained model: "trained", "reused <run id>" (pretrain_cache).
+    pretrain: str = "-"
     metrics: Dict[str, float] = field(default_factory=dict)
+    tags: Dict[str, str] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
@@ -83,7 +86,8 @@ class SweepSummary:
 
     def rows(self, swept: List[str]) -> List[Dict[str, Any]]:
         return [{"trial": t.number, "run_id": t.run_id, "status": t.status,
-                 self.objective: t.objective, **{k: t.params.get(k) for k in swept}}
+                 self.objective: t.objective, "pretrain": t.pretrain,
+                 **{k: t.params.get(k) for k in swept}}
                 for t in self.ranked()]
 
 
@@ -134,9 +138,20 @@ def collect(client, experiment_id: str, parent_run_id: str, objective: str,
             objective=run.data.metrics.get(objective),
             params=dict(run.data.params),
             error=run.data.tags.get("error"),
+            pretrain=pretrain_of(run.data.tags),
             metrics=dict(run.data.metrics),
+            tags=dict(run.data.tags),
         ))
     return summary
+
+
+def pretrain_of(tags: Dict[str, str]) -> str:
+    """The trials table's ``pretrain`` cell: ``trained``, or ``reused <run id>``."""
+    from tfharness.pipeline.pretrain_cache import PRETRAIN_TAG, REUSED_FROM_TAG
+
+    if tags.get(PRETRAIN_TAG) == "reused":
+        return f"reused {tags.get(REUSED_FROM_TAG, '?')}"
+    return tags.get(PRETRAIN_TAG, "-")
 
 
 def describe_sweep(summary: SweepSummary, swept: List[str]) -> str:
@@ -190,10 +205,12 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
         "error": f"{type(error).__name__}: {error}"[:5000]})
     from tfharness.tracking.record import split_params
 
-    params, _ = split_params(flatten(typed))
+    params, tags = split_params(flatten(typed))
     items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
     for i in range(0, len(items), PARAM_BATCH):
         client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id, "FAILED")
 
 
@@ -258,6 +275,8 @@ def _display(column: str, value: Any) -> str:
 
     if column == "run_id":
         return str(value)[:8]  # enough to tell runs apart; the MLflow table has them whole
+    if column == "pretrain" and str(value).startswith("reused "):
+        return str(value)[:15]
     if isinstance(value, str):
         try:
             return format_cell(float(value))
@@ -474,11 +493,63 @@ class SweepCallback(Callback):
         if uri is None:
             raise RuntimeError(f"sweep.register_best={name!r}: the best trial {best.run_id} "
                                f"logged no model (tracking.log_models=false?)")
+        alias = OmegaConf.select(self._cfg, "tracking.promote")
+        decision = self._promotion(best, name, alias) if alias else None
         version = mlflow.register_model(uri, name)
-        self._client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
-        self._client.set_tag(self.parent_run_id, "champion", f"{name}/{version.version}")
-        log.info("Sweep: registered the best trial's model as %s version %s, alias %s",
-                 name, version.version, CHAMPION_ALIAS)
+        if decision is None:
+            self._client.set_registered_model_alias(name, CHAMPION_ALIAS, version.version)
+            self._client.set_tag(self.parent_run_id, "champion", f"{name}/{version.version}")
+            log.info("Sweep: registered the best trial's model as %s version %s, alias %s",
+                     name, version.version, CHAMPION_ALIAS)
+            return
+        from tfharness.pipeline import promotion
+
+        if decision.promoted:
+            self._client.set_registered_model_alias(name, alias, version.version)
+            self._client.set_tag(self.parent_run_id, alias, f"{name}/{version.version}")
+        self._client.set_tag(self.parent_run_id, "tfharness.registered_model",
+                             f"{name}/{version.version}")
+        self._client.set_tag(self.parent_run_id, promotion.PROMOTION_TAG,
+                             f"version {version.version} {decision.summary()}")
+        rows = decision.rows()
+        self._client.log_table(self.parent_run_id, artifact_file=promotion.COMPARISON_TABLE,
+                               data={key: [row[key] for row in rows] for key in rows[0]})
+        self._client.log_text(self.parent_run_id, promotion.markdown(decision),
+                              promotion.COMPARISON_MARKDOWN)
+        promotion.print_decision(decision)
+        log.info("Sweep: registered the best trial's model as %s version %s; %s", name,
+                 version.version, decision.summary())
+
+    def _promotion(self, best: Trial, name: str, alias: str):
+        """The best trial's comparison with the alias's holder (measured in the trial) and the
+        decision; a holder that moved since the trial compared keeps the alias."""
+        from tfharness.pipeline import promotion
+
+        cfg = self._cfg
+        metric = OmegaConf.select(cfg, "tracking.promote_metric") or cfg.sweep.objective
+        decision = promotion.Decision(
+            name, alias, metric, cfg.sweep.direction,
+            float(OmegaConf.select(cfg, "tracking.promote_min_delta") or 0.0),
+            data=f"the held-out data of trial {best.number}",
+            candidate=best.metrics.get(promotion.CANDIDATE_METRIC, float("nan")),
+            candidate_label=f"best trial {best.number} (run {best.run_id[:8]})",
+            champion=best.metrics.get(promotion.CHAMPION_METRIC))
+        compared = best.tags.get(promotion.CHAMPION_TAG)
+        holder = promotion.current_holder(self._client, name, alias)
+        now = f"{name}/{holder.version}" if holder is not None else "none"
+        decision.champion_version = str(holder.version) if holder is not None else None
+        if compared is None:
+            decision.reason = "the best trial did not measure the comparison"
+        elif compared != now:
+            decision.reason = (f"the alias moved to {now} after the trial compared with "
+                               f"{compared}")
+        elif promotion.CHAMPION_METRIC not in best.metrics and holder is not None:
+            decision.reason = (f"{name}@{alias} could not be evaluated on the trial's data: "
+                               f"{best.tags.get(promotion.PROMOTION_TAG, 'see the trial')}")
+        else:
+            decision.promoted, decision.reason = promotion.decide(
+                decision.candidate, decision.champion, decision.direction, decision.min_delta)
+        return decision
 
 
 # The sweep of this process's command, so the command line can finish it when Hydra raised (a

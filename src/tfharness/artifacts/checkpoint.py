@@ -52,7 +52,7 @@ LOCK_FILE = "lock"
 # Keys that say how to run, not what to compute: changing them keeps a run resumable.
 UNHASHED_KEYS = ("resume", "output_dir", "print_report", "checkpoint_root", "tracking.run_name",
                  "tracking.on_unavailable", "tracking.spool_dir", "tracking.drain_timeout_s",
-                 "trainer.verbose")
+                 "trainer.verbose", "pretrain_cache", "pretrain_wait_s")
 
 
 def config_hash(cfg: HarnessConfig) -> str:

@@ -8,6 +8,7 @@ prepared, still before any MLflow run opens (see :mod:`tfharness.pipeline.prepar
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from tfharness.config.schema import (
@@ -19,6 +20,7 @@ from tfharness.config.schema import (
     ON_UNAVAILABLE,
     OPTIMIZERS,
     PRECISIONS,
+    PRETRAIN_CACHE_MODES,
     RUN_ID,
     SAVE_FORMATS,
     SERVING_SIGNATURES,
@@ -45,6 +47,9 @@ from tfharness.config.schema import (
 from tfharness.config.data_checks import check_file_data
 from tfharness.config.targets import TARGET, is_target, options_of
 from tfharness.errors import ConfigError
+
+# MLflow's alias names (and not v<number>, which names a version).
+ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 
 def _check(condition: bool, key: str, got: Any, allowed: str) -> None:
@@ -300,6 +305,30 @@ def _check_tracking(cfg: HarnessConfig) -> None:
         _check(tracking.name != "off" and tracking.log_models, "tracking.register",
                tracking.register, "null while tracking is off or tracking.log_models is "
                "false (a registered version points at a logged model)")
+    _check_promotion(cfg)
+
+
+def _check_promotion(cfg: HarnessConfig) -> None:
+    """``tracking.promote``: an alias, a registered name to promote in, a held-out metric."""
+    tracking = cfg.tracking
+    _check(tracking.promote_min_delta >= 0, "tracking.promote_min_delta",
+           tracking.promote_min_delta, "a number >= 0")
+    if tracking.promote is None:
+        return
+    _check(bool(ALIAS.match(str(tracking.promote))) and not (str(tracking.promote)[:1] in 'vV' and str(tracking.promote)[1:].isdigit()),
+           "tracking.promote", tracking.promote, "an alias name (letters, digits, '_' and '-', "
+           "not v<number>), or null")
+    _check(bool(tracking.register or cfg.sweep.register_best), "tracking.promote",
+           tracking.promote, "null unless tracking.register or sweep.register_best names the "
+           "registered model to promote in")
+    metric = tracking.promote_metric or cfg.sweep.objective
+    key = "tracking.promote_metric" if tracking.promote_metric else "sweep.objective"
+    final = "finetune" if cfg.finetune.enabled else "pretrain"
+    prefix, _, name = metric.partition("/")
+    held_out = (prefix == "test" and name) or (prefix == final and name.startswith(
+        ("val_", "test_")) and len(name) > 5)
+    _check(bool(held_out), key, metric, f"a metric on held-out data to promote on: "
+           f"test/<metric>, {final}/val_<metric> or {final}/test_<metric>")
 
 
 def _check_run(cfg: HarnessConfig) -> None:
@@ -318,6 +347,9 @@ def _check_run(cfg: HarnessConfig) -> None:
            "'-' and '_')")
     _check(bool(cfg.checkpoint_root), "checkpoint_root", cfg.checkpoint_root,
            "a folder for per-run checkpoints")
+    _check_choice("pretrain_cache", cfg.pretrain_cache, PRETRAIN_CACHE_MODES)
+    _check(cfg.pretrain_wait_s >= 0, "pretrain_wait_s", cfg.pretrain_wait_s,
+           "a number of seconds >= 0")
 
 
 def validate(cfg: HarnessConfig) -> None:

@@ -34,6 +34,7 @@ JIT_COMPILE = ("auto", True, False)
 DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
+PRETRAIN_CACHE_MODES = ("auto", "off", "refresh")
 HEAD_POOLING = ("avg", "max", "flatten")
 APPLICATION_POOLING = ("avg", "max")
 # Keyword arguments of a keras.applications constructor that tfharness decides.
@@ -360,6 +361,14 @@ class TrackingConfig:
     process: bool = True
     # Register the run's final (fine-tuned) model under this name in the model registry.
     register: Optional[str] = None
+    # An alias (such as "champion") the new version of tracking.register or sweep.register_best
+    # gets only when it beats the alias's current holder, both evaluated in this run on the same
+    # held-out data, by at least promote_min_delta (the first version of a name always gets it).
+    promote: Optional[str] = None
+    promote_min_delta: float = 0.0
+    # The metric compared (null: sweep.objective), in sweep.direction: test/<metric>,
+    # <phase>/val_<metric> or <phase>/test_<metric> of the final model's phase.
+    promote_metric: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------ sweep
@@ -426,6 +435,12 @@ class HarnessConfig:
     # Per-run checkpoints (<checkpoint_root>/<run_id>/) for resume; stable across invocations,
     # unlike output_dir, which is a new Hydra folder each time.
     checkpoint_root: str = "checkpoints"
+    # auto: reuse the pretrained model of a FINISHED run in the same store with the same
+    # pretraining fingerprint (see tfharness.pipeline.pretrain_cache); off: always pretrain;
+    # refresh: pretrain, and make this run the one later runs reuse.
+    pretrain_cache: str = "auto"
+    # How long a sweep job waits for another job of the sweep that pretrains the same model.
+    pretrain_wait_s: float = 7200.0
 
 
 GROUP_SCHEMAS = {

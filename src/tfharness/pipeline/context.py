@@ -27,6 +27,10 @@ class RunResult:
     registered_versions: Dict[str, str] = field(default_factory=dict)
     # The value of sweep.objective, set when the run was asked for it (sweep trials).
     objective: Optional[float] = None
+    # The run whose pretrained model this run fine-tuned instead of pretraining (pretrain_cache).
+    pretrain_reused_from: Optional[str] = None
+    # What tracking.promote decided (tfharness.pipeline.promotion.Decision), if asked.
+    promotion: Any = None
 
 
 @dataclass
@@ -64,4 +68,11 @@ class RunContext:
     # How long loading the data took (data/load_seconds).
     data_seconds: float = 0.0
     ckpt: Any = None  # tfharness.artifacts.checkpoint.RunCheckpoints
+    # The pretraining fingerprint (tfharness.pipeline.fingerprint.Fingerprint); None with a
+    # source, which does not pretrain.
+    fingerprint: Any = None
+    # The sweep's parent run, for a sweep job.
+    parent_run_id: Optional[str] = None
+    # The run whose pretrained model this run reused (pretrain_cache), if any.
+    pretrain_reused_from: Optional[str] = None
     result: RunResult = field(default_factory=lambda: RunResult(run_id=None))

@@ -13,6 +13,7 @@ from tfharness.config import flatten
 from tfharness.config.targets import option_name
 from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
+from tfharness.pipeline.fingerprint import FINGERPRINT_FILE, FINGERPRINT_TAG
 from tfharness.tracking import naming
 from tfharness.tracking import record as run_record
 
@@ -36,10 +37,14 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     if parent_run_id:
         # MLflow's UI nests a run under the run this tag names.
         tags["mlflow.parentRunId"] = parent_run_id
-    # Params: what defines the model and its training; the folders go to tags, the rest of the
-    # operational settings are in the config.yaml artifact.
+    # Params: what defines the model and its training; the folders and how the run treats
+    # earlier pretrainings (pretrain_cache) go to tags, the rest of the operational settings are
+    # in the config.yaml artifact.
     params, operational = run_record.split_params(flatten(cfg))
     tags.update(operational)
+    ctx.parent_run_id = parent_run_id
+    if ctx.fingerprint is not None:
+        tags[FINGERPRINT_TAG] = ctx.fingerprint.digest
     if source is not None:
         ctx.lineage = sources_lib.lineage_tags(source)
         tags.update(ctx.lineage)
@@ -50,6 +55,8 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
                   resume_run_id=resumed.run_id if same_store and tracker.run_id is None
                   and cfg.tracking.name != "off" else None)
     data_record.log_data(ctx)
+    if ctx.fingerprint is not None:
+        tracker.log_text(ctx.fingerprint.to_json(), FINGERPRINT_FILE)
 
 
 def end_abandoned_runs(ctx: RunContext) -> None:

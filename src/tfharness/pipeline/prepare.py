@@ -25,6 +25,7 @@ from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError
 from tfharness.pipeline import data_record, distribute
 from tfharness.pipeline.context import RunContext
+from tfharness.pipeline.fingerprint import fingerprint
 from tfharness.pipeline.roundtrip import probe_batch
 
 log = logging.getLogger("tfharness")
@@ -102,7 +103,8 @@ def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequ
                       frozen_by_stage=plan_freezes(cfg, model, source),
                       config_hash=cfg_hash, resumed=resumed, overrides=list(overrides),
                       resolved_yaml=resolved_yaml, description=description,
-                      data_seconds=data_seconds)
+                      data_seconds=data_seconds,
+                      fingerprint=fingerprint(cfg, description) if source is None else None)
 
 
 def check_training_parts(cfg: HarnessConfig) -> None:

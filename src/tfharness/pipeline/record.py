@@ -168,7 +168,8 @@ def deliver_missing(ctx: RunContext) -> None:
 
 
 def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
-                 cfg: HarnessConfig, classes: str = "") -> None:
+                 cfg: HarnessConfig, classes: str = "",
+                 pretrain_reused_from: Optional[str] = None) -> None:
     """The trainable-layer table and every result, printed at the end of a run."""
     from rich.console import Console
     from rich.table import Table
@@ -186,6 +187,9 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
         console.print(table)
     if classes:
         console.print(classes.strip())
+    if pretrain_reused_from:
+        console.print(f"Pretraining reused from run {pretrain_reused_from} (pretrain_cache="
+                      f"{cfg.pretrain_cache}): its pretrain/* metrics are on that run")
     summary = Table(title="Results")
     summary.add_column("metric")
     summary.add_column("value", justify="right")

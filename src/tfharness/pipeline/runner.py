@@ -7,8 +7,11 @@
    did not move; 6. save, reload and verify again; 7. evaluate on the test split.
 
 Steps 1-2 are in ``prepare``, 3 and 5 in ``train``, 4 and 6 in ``roundtrip``, 7 and what else a
-run records in ``record``; ``ending`` decides how the run ends. ``run(cfg)`` is plain Python: the
-CLI is a thin Hydra wrapper around it, and tests call it directly.
+run records in ``record``; ``ending`` decides how the run ends. ``pretrain_cache`` replaces steps
+3-4 by an earlier run's verified pretrained model when one with the same ``fingerprint`` exists;
+``promotion`` decides whether a registered version takes ``tracking.promote``'s alias.
+``run(cfg)`` is plain Python: the CLI is a thin Hydra wrapper around it, and tests call it
+directly.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from tfharness.pipeline import (
     opening,
     outcome,
     prepare,
+    pretrain_cache,
+    promotion,
     record,
     roundtrip,
     train,
@@ -80,17 +85,33 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
             if require_objective:
                 ctx.result.objective = record.objective(cfg, ctx.result.metrics)
                 tracker.log_metrics({"objective": ctx.result.objective})
-            if cfg.tracking.register:
-                tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
-                                       cfg.tracking.register)
+            _register(ctx, final_model, final_split)
             outcome.record_outcome(ctx)
     result = ctx.result
     result.model_uris.update(tracker.model_uris)
     result.registered_versions.update(tracker.registered_versions)
     if cfg.print_report:
         record.print_report(result.report, result.metrics, result.run_id, cfg,
-                            data_record.classes_markdown(ctx))
+                            data_record.classes_markdown(ctx), result.pretrain_reused_from)
+        if result.promotion is not None and cfg.tracking.register:
+            promotion.print_decision(result.promotion)
     return result
+
+
+def _register(ctx: RunContext, final_model, final_split) -> None:
+    """``tracking.register`` (with ``tracking.promote``: the alias only for a better model);
+    a sweep trial with ``sweep.register_best`` measures the comparison its sweep decides on."""
+    cfg = ctx.cfg
+    name = cfg.tracking.register or (cfg.sweep.register_best if ctx.parent_run_id else None)
+    decision = None
+    if cfg.tracking.promote and name:
+        decision = ctx.result.promotion = promotion.compare(ctx, final_model, final_split, name)
+        promotion.record(ctx.tracker, decision, decided=bool(cfg.tracking.register))
+    if cfg.tracking.register:
+        ctx.tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
+                                   cfg.tracking.register,
+                                   alias=decision.alias if decision and decision.promoted
+                                   else None)
 
 
 def _phases(ctx: RunContext):
@@ -101,12 +122,12 @@ def _phases(ctx: RunContext):
     record.log_texts(ctx)
     if ctx.source is not None:
         record.record_source(ctx)
+        # This saves the loaded model in tfharness' format and reloads it, so fine-tuning
+        # starts from a verified model exactly as it does after pretraining.
+        step = roundtrip.model_step(ctx.cfg, "pretrained", ctx.source)
+        reloaded = roundtrip.round_trip(ctx, ctx.model, "pretrained", step, ctx.probe)
     else:
-        train.pretrain(ctx)
-    # With a source, this saves the loaded model in tfharness' format and reloads it, so
-    # fine-tuning starts from a verified model exactly as it does after pretraining.
-    step = roundtrip.model_step(ctx.cfg, "pretrained", ctx.source)
-    reloaded = roundtrip.round_trip(ctx, ctx.model, "pretrained", step, ctx.probe)
+        reloaded = _pretrained(ctx)
     if not ctx.cfg.finetune.enabled:
         return reloaded, ctx.data.pretrain
     tuned = train.finetune(ctx, reloaded)
@@ -115,3 +136,20 @@ def _phases(ctx: RunContext):
     final_model = roundtrip.round_trip(ctx, tuned, "finetuned", step, probe)
     record.layer_report(ctx, final_model)
     return final_model, ctx.data.finetune
+
+
+def _pretrained(ctx: RunContext):
+    """Steps 3-4, or the verified pretrained model of an earlier run with the same fingerprint
+    (``pretrain_cache``). Returns the model fine-tuning starts from."""
+    ckpt = ctx.ckpt
+    started = ckpt.done("saved:pretrained") or ckpt.state.phase_epochs("pretrain") > 0
+    found = pretrain_cache.reused_before(ctx) or (
+        None if started else pretrain_cache.find_or_claim(ctx))
+    if found is not None:
+        return pretrain_cache.reuse(ctx, found)
+    if ctx.fingerprint is not None and not started:
+        # Marks the run that later runs with this fingerprint may reuse (once it FINISHED).
+        ctx.tracker.set_tags({pretrain_cache.PRETRAIN_TAG: "trained"})
+    train.pretrain(ctx)
+    step = roundtrip.model_step(ctx.cfg, "pretrained", ctx.source)
+    return roundtrip.round_trip(ctx, ctx.model, "pretrained", step, ctx.probe)

@@ -43,6 +43,7 @@ import numpy as np
 from tfharness.artifacts import integrity, serialization
 from tfharness.models.applications import register_layers
 from tfharness.config import MlflowSourceConfig, PathSourceConfig, SourceConfig
+from tfharness.data.records import CLASS_NAMES_FILE
 from tfharness.errors import ConfigError, SourceError, VerificationError
 
 HARNESS_SAVEDMODEL = "tfharness-savedmodel"
@@ -195,8 +196,10 @@ def resolve_mlflow(uri: str, tracking_uri: str, workdir: Path) -> SourceArtifact
     if flavored is not None:
         return flavored
     inside = local / "artifacts"
+    # Beside the model: its sha256 record and the class names its outputs index.
     candidates = sorted(p for p in inside.iterdir()
-                        if not p.name.endswith(integrity.RECORD_SUFFIX)) if inside.is_dir() else []
+                        if not p.name.endswith(integrity.RECORD_SUFFIX)
+                        and p.name != CLASS_NAMES_FILE) if inside.is_dir() else []
     if len(candidates) != 1:
         found = sorted(p.relative_to(local).as_posix() for p in local.iterdir())
         raise SourceError(f"source.uri={uri!r} is neither a model logged by tfharness nor one "

@@ -18,7 +18,7 @@ GROUP_ABBREVIATIONS = {"finetune": "ft", "trainer": "tr", "model": "model", "dat
                        "save_format": "fmt", "source": "src", "sweep": "sweep"}
 # Overrides that say where or how a run is recorded, not what it trains: left out of names.
 OPERATIONAL_PREFIXES = ("tracking", "output_dir", "checkpoint_root", "print_report", "resume",
-                        "hydra", "trainer.verbose")
+                        "hydra", "trainer.verbose", "pretrain_cache", "pretrain_wait_s")
 
 
 def is_operational(key: str) -> bool:

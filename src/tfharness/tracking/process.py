@@ -251,8 +251,12 @@ class ProcessTracker(Tracker):
     def log_inputs(self, datasets: List[Dict]) -> None:
         self._record("log_inputs", [dict(d) for d in datasets])
 
-    def register_model(self, name: str, registered_name: str) -> None:
-        self._record("register_model", name, registered_name)
+    def register_model(self, name: str, registered_name: str,
+                       alias: Optional[str] = None) -> None:
+        self._record("register_model", name, registered_name, alias)
+
+    def log_model_input(self, model_id: str) -> None:
+        self._record("log_model_input", model_id)
 
     def finish(self, error: Optional[BaseException] = None) -> None:
         if self.run_id is None:

@@ -23,7 +23,7 @@ from tfharness.tracking.naming import is_operational
 # Packages whose versions decide what a run computes, as their distributions are named.
 VERSIONED_PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "tfharness")
 # Operational settings kept as tags (the rest live in the config.yaml artifact only).
-OPERATIONAL_TAGS = ("output_dir", "checkpoint_root")
+OPERATIONAL_TAGS = ("output_dir", "checkpoint_root", "pretrain_cache", "pretrain_wait_s")
 ARGV_TAG = "tfharness.argv"
 RERUN_OF_TAG = "tfharness.rerun_of"
 DESCRIPTION_TAG = "mlflow.note.content"

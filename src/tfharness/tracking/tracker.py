@@ -113,8 +113,12 @@ class Tracker:
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         pass
 
-    def register_model(self, name: str, registered_name: str) -> None:
+    def register_model(self, name: str, registered_name: str,
+                       alias: Optional[str] = None) -> None:
         pass
+
+    def log_model_input(self, model_id: str) -> None:
+        """Records the logged model ``model_id`` as an input of the run (MLflow's lineage)."""
 
     def finish(self, error: Optional[BaseException] = None) -> None:
         pass
@@ -457,9 +461,11 @@ class MlflowTracker(Tracker):
         items = [dict(d) for d in datasets]
         self._submit("inputs", f"datasets {', '.join(d['name'] for d in items)}", items)
 
-    def register_model(self, name: str, registered_name: str) -> None:
+    def register_model(self, name: str, registered_name: str,
+                       alias: Optional[str] = None) -> None:
         """Registers the logged model ``name`` (queued before) as a new version of
-        ``registered_name``; the version lands in :attr:`registered_versions`."""
+        ``registered_name``, with ``alias`` if given; the version lands in
+        :attr:`registered_versions`."""
         import mlflow
 
         def register() -> None:
@@ -469,8 +475,18 @@ class MlflowTracker(Tracker):
             self.registered_versions[registered_name] = str(version.version)
             self._client.set_tag(self.run_id, "tfharness.registered_model",
                                  f"{registered_name}/{version.version}")
+            if alias:
+                self._client.set_registered_model_alias(registered_name, alias, version.version)
 
         self._submit("call", f"registration of {name} as {registered_name!r}", register)
+
+    def log_model_input(self, model_id: str) -> None:
+        from mlflow.entities import LoggedModelInput
+
+        def link() -> None:
+            self._client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+
+        self._submit("call", f"model input {model_id}", link)
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         from tfharness.tracking.naming import table_columns
