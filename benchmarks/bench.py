@@ -110,7 +110,10 @@ def timed(command, cwd) -> dict:
         raise RuntimeError(f"{command[:3]} failed ({process.returncode}):\n"
                            f"{stderr.decode()[-3000:]}")
     own = usage.ru_maxrss / 1024
-    return {"wall": wall, "rss_mib": own, "helpers_rss_mib": sum(peaks.values()) / 1024,
+    # wait4 counts the child's CPU and that of every process it waited for (the tracking
+    # process is waited for at exit).
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mib": own,
+            "helpers_rss_mib": sum(peaks.values()) / 1024,
             "total_rss_mib": own + sum(peaks.values()) / 1024}
 
 
@@ -281,9 +284,10 @@ def save_format_lines(formats: list) -> list:
               f"{r['size_kib']:.0f} |" for r in formats)]
 
 
-def replace_save_formats(text: str, lines: list) -> str:
-    """``text`` (a results.md) with its save-format section replaced by ``lines``."""
-    head, marker, rest = text.partition("Save formats (")
+def replace_save_formats(text: str, lines: list, marker: str = "Save formats (") -> str:
+    """``text`` (a results.md) with its save-format section (or the section starting with
+    ``marker``) replaced by ``lines``."""
+    head, marker, rest = text.partition(marker)
     if not marker:
         return text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     # The section ends at the first blank line after its table.
@@ -358,6 +362,61 @@ def sweeps(folder: Path, jobs: int = 8) -> dict:
     return {"jobs": jobs, "one_process_s": one, "separate_s": separate}
 
 
+# How a run talks to MLflow: the tracking process with tfharness' delivery thread (the default),
+# the same thread in the training process, and MLflow's own asynchronous logging.
+TRACKING_VARIANTS = {
+    "process + harness thread": ["tracking.process=true", "tracking.async_backend=harness"],
+    "thread (harness)": ["tracking.process=false", "tracking.async_backend=harness"],
+    "mlflow async": ["tracking.process=false", "tracking.async_backend=mlflow"],
+}
+TRACKING_SECTION = "Tracking variants ("
+
+
+def tracking_variants(root: Path, rounds: int) -> dict:
+    """Wall, CPU (all processes) and peak RSS (sum of processes) of each tracking variant on
+    the default run, the large run and an 8-job sweep in one process; the variants alternate
+    within each round so a busy moment of a shared machine hits all of them."""
+    folder = root / "tracking"
+    folder.mkdir()
+    seeds = ",".join(str(s) for s in range(8))
+    workloads = {
+        "default": WORKLOADS["default"]["overrides"],
+        "large": WORKLOADS["large"]["overrides"],
+        "sweep of 8": ["-m", *TINY, f"trainer.seed={seeds}"],
+    }
+    samples = {(w, v): [] for w in workloads for v in TRACKING_VARIANTS}
+    loads = [os.getloadavg()[0]]
+    for number in range(rounds):
+        for workload, overrides in workloads.items():
+            for variant, switches in TRACKING_VARIANTS.items():
+                uri = f"sqlite:///{folder / (workload.split()[0] + '-' + variant.split()[0])}.db"
+                prepare_store(uri, "tfharness")
+                measured = timed([str(BIN / "tfharness"), *overrides, *switches,
+                                  f"tracking.uri={uri}"], folder)
+                samples[(workload, variant)].append(measured)
+                print(f"  round {number + 1} {workload} / {variant}: {measured['wall']:.2f} s "
+                      f"wall, {measured['cpu']:.2f} s CPU, {measured['total_rss_mib']:.0f} MiB, "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+        loads.append(os.getloadavg()[0])
+    medians = {key: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+               for key, runs in samples.items()}
+    return {"medians": medians, "rounds": rounds, "loads": loads}
+
+
+def tracking_variant_lines(result: dict) -> list:
+    loads = ", ".join(f"{load:.1f}" for load in result["loads"])
+    lines = [f"{TRACKING_SECTION}median of {result['rounds']} rounds, the variants alternated "
+             f"within each round; wall and CPU of the whole command, CPU summed over its "
+             f"processes (`wait4`), peak RSS summed over its processes; 1-minute load average "
+             f"at the start and after each round: {loads}, on {os.cpu_count()} cores):", "",
+             "| workload | variant | wall s | CPU s | peak RSS MiB (sum) | training process MiB "
+             "|", "|---|---|---|---|---|---|"]
+    for (workload, variant), m in result["medians"].items():
+        lines.append(f"| {workload} | {variant} | {m['wall']:.2f} | {m['cpu']:.2f} | "
+                     f"{m['total_rss_mib']:.0f} | {m['rss_mib']:.0f} |")
+    return lines
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -387,13 +446,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
-    parser.add_argument("--only", choices=["save-formats", *WORKLOADS],
+    parser.add_argument("--only", choices=["save-formats", "tracking", *WORKLOADS],
                         help="save-formats: run only that section and replace it in --output; "
                              "a workload: compare on it only and print the medians")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
     root = Path(tempfile.mkdtemp(prefix="tfharness-bench-"))
+    if args.only == "tracking":
+        lines = tracking_variant_lines(tracking_variants(root, 1 if args.quick else args.repeats))
+        output = Path(args.output)
+        output.write_text(replace_save_formats(
+            output.read_text() if output.exists() else "# tfharness benchmark\n", lines,
+            TRACKING_SECTION))
+        print("\n".join(lines))
+        return
     if args.only == "save-formats":
         lines = save_format_lines(save_formats(WORKLOADS["large"], root,
                                                1 if args.quick else SAVE_FORMAT_ROUNDS))
@@ -473,6 +540,7 @@ def main() -> None:
                  f"{verdict(sweep['one_process_s'] <= sweep['separate_s'] / 2)} |")
     lines += ["", *save_format_lines(formats)]
     lines += ["", "Logged models carry explicit pip requirements: no requirement inference."]
+    lines += ["", *tracking_variant_lines(tracking_variants(root, min(repeats, 3)))]
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"ratio harness/plain={ratio_plain:.3f} harness/autolog={ratio_autolog:.3f}")

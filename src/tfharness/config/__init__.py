@@ -13,6 +13,7 @@ from tfharness.config.schema import (  # noqa: F401
     GROUP_SCHEMAS,
     IN_MEMORY_FORMATS,
     MLFLOW_SOURCE_URI,
+    ASYNC_BACKENDS,
     ON_UNAVAILABLE,
     OPTIMIZERS,
     RUN_ID,

@@ -15,6 +15,7 @@ from tfharness.config.schema import (
     DIRECTIONS,
     IN_MEMORY_FORMATS,
     MLFLOW_SOURCE_URI,
+    ASYNC_BACKENDS,
     ON_UNAVAILABLE,
     OPTIMIZERS,
     RUN_ID,
@@ -259,6 +260,7 @@ def _check_tracking(cfg: HarnessConfig) -> None:
         _check(tracking.uri.startswith(("http://", "https://")), "tracking.uri",
                tracking.uri, "an http:// or https:// URI when tracking=server")
     _check_choice("tracking.on_unavailable", tracking.on_unavailable, ON_UNAVAILABLE)
+    _check_choice("tracking.async_backend", tracking.async_backend, ASYNC_BACKENDS)
     _check(tracking.drain_timeout_s >= 0, "tracking.drain_timeout_s",
            tracking.drain_timeout_s, "a number of seconds >= 0")
     if tracking.register is not None:

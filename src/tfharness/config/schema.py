@@ -32,6 +32,7 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
+ASYNC_BACKENDS = ("harness", "mlflow")
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SELECTOR_INDEX = re.compile(r"^-?\d+$")
 SELECTOR_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")
@@ -218,6 +219,10 @@ class TrackingConfig:
     # Log from a separate tracking process (true), so MLflow never loads in the training
     # process, or from a background thread of the training process (false).
     process: bool = True
+    # Who delivers logging calls in the background: "harness" (tfharness' delivery thread, which
+    # retries while a server is down and spools what it cannot deliver) or "mlflow" (MLflow's own
+    # asynchronous logging and HTTP retry settings, MLFLOW_HTTP_REQUEST_*).
+    async_backend: str = "harness"
     # Register the run's final (fine-tuned) model under this name in the model registry.
     register: Optional[str] = None
 

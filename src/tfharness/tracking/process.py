@@ -310,7 +310,7 @@ def _answer_of(tracker, method: str, value):
 
 def serve(fd: int) -> None:
     """The child's loop: one call at a time, in the order the training process made them."""
-    from tfharness.tracking.tracker import MlflowTracker
+    from tfharness.tracking.tracker import MlflowTracker, in_process_tracker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -343,7 +343,7 @@ def serve(fd: int) -> None:
                 # with, and what hydra.job.env_set gave this job of a sweep.
                 os.environ.clear()
                 os.environ.update(environment)
-                trackers[key] = tracker = MlflowTracker(cfg)
+                trackers[key] = tracker = in_process_tracker(cfg)
                 tracker.connect()
             elif method == "close":
                 trackers.pop(key, None)

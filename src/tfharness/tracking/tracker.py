@@ -132,6 +132,7 @@ class MlflowTracker(Tracker):
         self._experiment_id: Optional[str] = None
         self._connected = False
         self._connect_error: Optional[Exception] = None
+        self._connecting: Optional[threading.Thread] = None
         self._queue: "queue.Queue" = queue.Queue()
         self._worker: Optional[threading.Thread] = None
         self._errors: List[str] = []
@@ -152,21 +153,24 @@ class MlflowTracker(Tracker):
         self._connected = True
         import mlflow
 
-        if self.uri.startswith(("http://", "https://")):
-            # tfharness retries in the background; MLflow's own retries (minutes, with backoff)
-            # would only hold the queue behind one call.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self._configure_http()
         try:
             self._client, self._experiment_id = store.open_experiment(self.uri,
                                                                       self.cfg.experiment)
-        except TrackingError as exc:
+        except Exception as exc:
             # Kept for start(): a client that could not open its store is never used.
             self._client, self._connect_error = None, exc
         if self.cfg.log_models:
             # What model logging imports, loaded now rather than while the first model waits.
             import mlflow.models  # noqa: F401
             import mlflow.pyfunc  # noqa: F401
+
+    def _configure_http(self) -> None:
+        if self.uri.startswith(("http://", "https://")):
+            # tfharness retries in the background; MLflow's own retries (minutes, with backoff)
+            # would only hold the queue behind one call.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
               resume_run_id: Optional[str] = None) -> None:
@@ -175,6 +179,9 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
         from mlflow.tracking.context.registry import resolve_tags
 
+        if self._connecting is not None:
+            self._connecting.join()
+            self._connecting = None
         self.connect()
         if self._connect_error is not None:
             exc, self._connect_error = self._connect_error, None
@@ -210,6 +217,9 @@ class MlflowTracker(Tracker):
         except BaseException as error:
             self.finish(error)
             raise
+        self._start_delivery()
+
+    def _start_delivery(self) -> None:
         self._worker = threading.Thread(target=self._work, name="tfharness-tracking",
                                         daemon=True)
         self._worker.start()
@@ -332,6 +342,7 @@ class MlflowTracker(Tracker):
                 flavor_name=_get_pyfunc_model_flavor_name(python_model),
                 validate_serving_input=False,
                 artifact_path=None,
+                run_id=run_id,
                 name=payload["name"],
                 python_model=python_model,
                 artifacts={"model": str(payload["artifact"]),
@@ -424,6 +435,8 @@ class MlflowTracker(Tracker):
 
     def _drain(self) -> None:
         """Waits for the queue; gives up on a store that stays down past the drain timeout."""
+        if self._worker is None:
+            return
         self._queue.put(None)
         while self._worker.is_alive():
             self._worker.join(0.2)
@@ -454,8 +467,7 @@ class MlflowTracker(Tracker):
         if self.run_id is None:
             return
         error = message is not None
-        if self._worker is not None:
-            self._drain()
+        self._drain()
         if status == "FINISHED" and self._errors:
             status = "FAILED"
             message = "Could not log " + "; ".join(self._errors)
@@ -554,6 +566,19 @@ def make_tracker(cfg: TrackingConfig) -> Tracker:
         except OSError as error:  # no interpreter to start, no process slots left
             log.warning("Cannot start the tracking process (%s: %s); logging from a thread of "
                         "this process instead", type(error).__name__, error)
+    tracker = in_process_tracker(cfg)
+    from tfharness.tracking.mlflow_async import background_connect
+
+    tracker._connecting = background_connect(tracker)
+    return tracker
+
+
+def in_process_tracker(cfg: TrackingConfig) -> "MlflowTracker":
+    """The tracker that talks to MLflow from this process, as ``tracking.async_backend`` says."""
+    if cfg.async_backend == "mlflow":
+        from tfharness.tracking.mlflow_async import MlflowAsyncTracker
+
+        return MlflowAsyncTracker(cfg)
     return MlflowTracker(cfg)
 
 
