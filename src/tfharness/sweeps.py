@@ -140,10 +140,9 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     The runner checks a config before it opens a run (bad input should not leave runs behind),
     but in a sweep the user compares trials in MLflow, and a trial missing there is lost.
     """
-    from mlflow.entities import Param
-
     from tfharness.config import flatten, to_typed
-    from tfharness.tracking.tracker import PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment
+    from tfharness.tracking import open_experiment
+    from tfharness.tracking.batches import log_params
 
     try:
         typed = to_typed(cfg)
@@ -158,9 +157,7 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     run = client.create_run(experiment_id, run_name=run_name, tags={
         "mlflow.parentRunId": parent_run_id, "tfharness.job_num": str(job_num),
         "error": f"{type(error).__name__}: {error}"[:5000]})
-    items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(flatten(typed).items())]
-    for i in range(0, len(items), PARAM_BATCH):
-        client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+    log_params(client, run.info.run_id, flatten(typed))
     client.set_terminated(run.info.run_id, "FAILED")
 
 
@@ -214,7 +211,7 @@ def _as_floats(values: List[Optional[str]]) -> Optional[List[float]]:
 
 
 def _display(column: str, value: Any) -> str:
-    from tfharness.tracking.tracker import format_cell
+    from tfharness.tracking.tables import format_cell
 
     if column == "run_id":
         return str(value)[:8]  # enough to tell runs apart; the MLflow table has them whole
@@ -304,12 +301,11 @@ class SweepCallback(Callback):
 
     def _start(self, config: DictConfig) -> None:
         import mlflow
-        from mlflow.entities import Param
 
         from tfharness.config import flatten, register_configs, to_typed
         from tfharness.config.targets import option_name
-        from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
-                                        run_tags)
+        from tfharness.tracking import open_experiment, run_tags
+        from tfharness.tracking.batches import log_params
 
         register_configs()
         job_cfg = copy.deepcopy(config)
@@ -333,9 +329,7 @@ class SweepCallback(Callback):
         params = {**flatten(typed), "sweep.sweeper": sweeper, "sweep.launcher": launcher,
                   **{f"sweep.space.{k}": v for k, v in space.items()}}
         params.pop("output_dir", None)
-        items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), PARAM_BATCH):
-            self._client.log_batch(self.parent_run_id, params=items[i:i + PARAM_BATCH])
+        log_params(self._client, self.parent_run_id, params)
         self._client.log_text(self.parent_run_id, OmegaConf.to_yaml(job_cfg), "sweep.yaml")
         # Every job, wherever it runs, gets the parent's id in its environment.
         with flag_override(config, ["readonly", "struct"], [False, False]):
@@ -388,14 +382,12 @@ class SweepCallback(Callback):
         return summary
 
     def _record(self, summary: SweepSummary, swept: List[str]) -> None:
+        from tfharness.tracking.batches import table_columns
+
         client, parent = self._client, self.parent_run_id
         rows = summary.rows(swept)
-        columns: Dict[str, list] = {}
-        for row in rows:
-            for key, value in row.items():
-                columns.setdefault(key, []).append(value)
         if rows:
-            client.log_table(parent, data=columns, artifact_file=TRIALS_TABLE)
+            client.log_table(parent, data=table_columns(rows), artifact_file=TRIALS_TABLE)
         client.log_metric(parent, "trials", len(summary.trials))
         client.log_metric(parent, "failed_trials", summary.failed)
         best = summary.best
@@ -416,7 +408,7 @@ class SweepCallback(Callback):
             return
         import mlflow
 
-        from tfharness.tracking.tracker import MODEL_URI_TAG
+        from tfharness.tracking.models import MODEL_URI_TAG
 
         tags = self._client.get_run(best.run_id).data.tags
         uri = tags.get(f"{MODEL_URI_TAG}.finetuned") or tags.get(f"{MODEL_URI_TAG}.pretrained")

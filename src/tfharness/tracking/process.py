@@ -7,7 +7,7 @@ process holds the :class:`~tfharness.tracking.MlflowTracker` and the training pr
 
 * calls that only record (metrics, texts, tables, models, tags, registration) are one pickled
   message each and never wait; the child's tracker queues them for its background thread
-  exactly as it does in-process (order, retries, spooling: see ``tracking.py``);
+  exactly as it does in-process (order, retries, spooling: see :mod:`tfharness.tracking.tracker`);
 * calls that answer (opening the run, what a resumed run misses, ending the run) wait for the
   child's answer, and its errors are raised in the training process.
 
@@ -46,7 +46,9 @@ import numpy as np
 
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
-from tfharness.tracking.tracker import Tracker, ending_of, model_output_and_requirements
+from tfharness.tracking.backends import in_process_tracker
+from tfharness.tracking.base import Tracker, ending_of
+from tfharness.tracking.models import model_output_and_requirements
 
 log = logging.getLogger("tfharness")
 
@@ -308,62 +310,76 @@ def _answer_of(tracker, method: str, value):
     return value
 
 
-def serve(fd: int) -> None:
-    """The child's loop: one call at a time, in the order the training process made them."""
-    from tfharness.tracking.tracker import MlflowTracker, in_process_tracker
+class _Server:
+    """The child's side: one tracker per run of the training process, by key."""
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = Connection(fd)
-    send_lock = threading.Lock()
+    def __init__(self, fd: int):
+        self._conn = Connection(fd)
+        self._send_lock = threading.Lock()
+        self.trackers: Dict[str, Tracker] = {}
 
-    def send(message) -> None:
-        with send_lock:
-            conn.send(message)
+    def send(self, message) -> None:
+        with self._send_lock:
+            self._conn.send(message)
 
-    forward = _ForwardingHandler(send)
-    tfharness_log = logging.getLogger("tfharness")
-    tfharness_log.addHandler(forward)
-    tfharness_log.setLevel(logging.INFO)
-    tfharness_log.propagate = False
-    trackers: Dict[str, MlflowTracker] = {}
-    while True:
-        try:
-            seq, key, method, args, kwargs, answer = conn.recv()
-        except (EOFError, OSError):
-            # The training process is gone (or done): so is everything it did not wait for.
-            os._exit(0)
-        ok, value = True, None
+    def serve(self) -> None:
+        """One call at a time, in the order the training process made them."""
+        while True:
+            try:
+                seq, key, method, args, kwargs, answer = self._conn.recv()
+            except (EOFError, OSError):
+                # The training process is gone (or done): so is everything it did not wait for.
+                os._exit(0)
+            ok, value = self.handle(key, method, args, kwargs, answer)
+            if answer:
+                try:
+                    self.send(("answer", seq, ok, value))
+                except (OSError, ValueError):
+                    os._exit(0)
+
+    def handle(self, key: str, method: str, args: tuple, kwargs: dict, answer: bool) -> tuple:
+        """Performs one call; returns ``(ok, answer or error)``."""
         try:
             if method == "open":
-                cfg, cwd, environment = args
-                os.chdir(cwd)  # a relative SQLite URI means the training process's folder
-                # The environment of the training process now, not when this process started:
-                # credentials (MLFLOW_TRACKING_TOKEN, cloud keys), the user name MLflow tags runs
-                # with, and what hydra.job.env_set gave this job of a sweep.
-                os.environ.clear()
-                os.environ.update(environment)
-                trackers[key] = tracker = in_process_tracker(cfg)
-                tracker.connect()
-            elif method == "close":
-                trackers.pop(key, None)
-            else:
-                tracker = trackers[key]
-                value = _answer_of(tracker, method, getattr(tracker, method)(*args, **kwargs))
-                if method == "finish_as":
-                    trackers.pop(key, None)
-        except BaseException as error:  # noqa: BLE001 - every error goes back to the caller
-            ok, value = False, _portable(error)
+                self.open(key, *args)
+                return True, None
+            if method == "close":
+                self.trackers.pop(key, None)
+                return True, None
+            tracker = self.trackers[key]
+            value = _answer_of(tracker, method, getattr(tracker, method)(*args, **kwargs))
             if method == "finish_as":
-                trackers.pop(key, None)
-            elif not answer and key in trackers:
+                self.trackers.pop(key, None)
+            return True, value
+        except BaseException as error:  # noqa: BLE001 - every error goes back to the caller
+            if method == "finish_as":
+                self.trackers.pop(key, None)
+            elif not answer and key in self.trackers:
                 # A recording call that failed before it was queued: the run is incomplete.
-                trackers[key]._errors.append(f"{method}: {type(error).__name__}: {error}")
-        if answer:
-            try:
-                send(("answer", seq, ok, value))
-            except (OSError, ValueError):
-                os._exit(0)
+                self.trackers[key].record_failure(method, error)
+            return False, _portable(error)
+
+    def open(self, key: str, cfg: TrackingConfig, cwd: str, environment: Dict[str, str]) -> None:
+        os.chdir(cwd)  # a relative SQLite URI means the training process's folder
+        # The environment of the training process now, not when this process started:
+        # credentials (MLFLOW_TRACKING_TOKEN, cloud keys), the user name MLflow tags runs
+        # with, and what hydra.job.env_set gave this job of a sweep.
+        os.environ.clear()
+        os.environ.update(environment)
+        self.trackers[key] = tracker = in_process_tracker(cfg)
+        tracker.connect()
+
+
+def serve(fd: int) -> None:
+    """The child's main: serves the training process until its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    server = _Server(fd)
+    tfharness_log = logging.getLogger("tfharness")
+    tfharness_log.addHandler(_ForwardingHandler(server.send))
+    tfharness_log.setLevel(logging.INFO)
+    tfharness_log.propagate = False
+    server.serve()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The :class:`Tracker` interface: everything the pipeline asks of tracking, and nothing more.
+
+The pipeline holds a Tracker and never learns which one runs (none with ``tracking=off``, the
+MLflow tracker in this process, or the one in the tracking process): see
+:func:`tfharness.tracking.make_tracker`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+
+class Tracker:
+    """Records one run. This base class records nothing (``tracking=off``)."""
+
+    run_id: Optional[str] = None
+
+    def __init__(self):
+        # Logged model URIs by name, complete once finish() has returned.
+        self.model_uris: Dict[str, str] = {}
+        # Registered model versions by registered name, complete once finish() has returned.
+        self.registered_versions: Dict[str, str] = {}
+
+    def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
+              resume_run_id: Optional[str] = None) -> None:
+        """Opens a new run, or reopens ``resume_run_id`` (its params are already logged)."""
+
+    def mark_abandoned(self, run_id: str, reason: str) -> None:
+        """Ends a run whose process died (left RUNNING) as KILLED, saying why."""
+
+    def missing_points(self, points: List[list]) -> List[list]:
+        """The ``[key, value, step]`` points of a resumed run that the store lacks."""
+        return []
+
+    def missing_artifacts(self, files: Iterable[str]) -> List[str]:
+        """The artifact paths of a resumed run that the store lacks."""
+        return []
+
+    def logged_model_names(self) -> List[str]:
+        """The names of the models this run has logged so far."""
+        return []
+
+    def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
+        """Records one point of each metric at ``step``."""
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Records ``text`` as the artifact ``artifact_file``."""
+
+    def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
+                  tags: Optional[Dict[str, str]] = None,
+                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+        """Logs the saved ``artifact`` of ``model`` as the MLflow model ``name``."""
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        """Sets run tags."""
+
+    def log_table(self, rows: List[Dict], artifact_file: str) -> None:
+        """Records ``rows`` (dicts with the same keys) as a table artifact."""
+
+    def register_model(self, name: str, registered_name: str) -> None:
+        """Registers the logged model ``name`` as a new version of ``registered_name``."""
+
+    def finish(self, error: Optional[BaseException] = None) -> None:
+        """Delivers what is pending and ends the run as :func:`ending_of` ``error`` says."""
+
+
+def ending_of(error: Optional[BaseException]) -> Tuple[str, Optional[str]]:
+    """The run status and ``error`` tag that ``error`` (None: success) ends a run with."""
+    if error is None:
+        return "FINISHED", None
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    return status, f"{type(error).__name__}: {error}"
