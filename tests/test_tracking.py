@@ -16,10 +16,11 @@ from tfharness.tracking import store
 from conftest import TINY_SYNTHETIC, free_port
 
 
-@pytest.mark.parametrize("process", [True, False])
-def test_mlflow_never_loads_in_the_training_process_unless_asked(tmp_path, process):
+@pytest.mark.parametrize("process, backend", [(True, "harness"), (False, "harness"),
+                                              (False, "mlflow")])
+def test_mlflow_never_loads_in_the_training_process_unless_asked(tmp_path, process, backend):
     overrides = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune.epochs=2",
-                 f"tracking.process={str(process).lower()}",
+                 f"tracking.process={str(process).lower()}", f"tracking.async_backend={backend}",
                  f"output_dir={tmp_path / 'out'}",
                  f"checkpoint_root={tmp_path / 'ckpt'}", "tracking.register=tiny",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
@@ -115,11 +116,14 @@ def test_an_unreachable_server_is_a_clear_error_before_training(make_cfg, monkey
         tfharness.run(cfg)
 
 
-def test_a_call_that_fails_in_the_background_fails_the_run(tracking_uri, client):
+@pytest.mark.parametrize("backend", ["harness", "mlflow"])
+def test_a_call_that_fails_in_the_background_fails_the_run(tracking_uri, client, backend):
     from tfharness.config import TrackingConfig
     from tfharness.errors import TrackingError
+    from tfharness.tracking.backends import in_process_tracker
 
-    tracker = tracking.MlflowTracker(TrackingConfig(uri=tracking_uri, experiment="bg"))
+    tracker = in_process_tracker(TrackingConfig(uri=tracking_uri, experiment="bg",
+                                                async_backend=backend))
     tracker.start("r", {"a": "1"}, {})
     tracker.log_metrics({"pretrain/loss": 0.5}, step=0)
     tracker.log_metrics({"no good?": 1.0}, step=0)  # MLflow rejects this metric name

@@ -66,12 +66,12 @@ def log_model_spec(spec: ModelSpec, run_id: str) -> str:
     """
     from mlflow.models import Model
 
-    # ``validate_serving_input`` is a private (undocumented) keyword of ``Model.log``, the one
-    # way to keep the input example without the serving check; tests/test_tracking.py fails if
-    # it stops being honoured.
+    # private: ``validate_serving_input`` is an undocumented keyword of ``Model.log`` (the
+    # transformers flavor passes it); the public mlflow.pyfunc.log_model offers no way to keep
+    # the input example without the serving check.
+    # tests/test_private_apis.py fails when they stop being honoured.
     info = Model.log(
         flavor=_PyfuncFlavor,
-        flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for a file
         validate_serving_input=False,
         artifact_path=None,
         run_id=run_id,
