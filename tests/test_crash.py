@@ -1,7 +1,7 @@
 """Crash safety with real processes: SIGKILL and SIGTERM of `python -m tfharness`, resume, atomic
 artifacts, a NaN loss, a read-only folder, a tracking server stopped mid-run, the spool and its
-replay. Kill points are made deterministic by the test-only pause inside atomic_write
-(TFHARNESS_TEST_PAUSE_IN_SAVE); scripts/kill-resume-soak kills at random moments instead."""
+replay. Kill points are made deterministic by a pause that the tests install in the middle of a
+save (tests/pause_in_save.py); scripts/kill-resume-soak kills at random moments instead."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import tfharness
 from tfharness.artifacts import checkpoint, serialization
 from tfharness.errors import ConfigError, NumericalError, SaveError
 
+import pause_in_save
 from conftest import TINY_SYNTHETIC, free_port, only_run, wait_for_server
 
 SRC = str(Path(tfharness.__file__).resolve().parents[1])
@@ -38,10 +39,12 @@ def harness(tmp: Path, *overrides: str, pause: str = "", env=None,
             own_group: bool = False) -> subprocess.Popen:
     """`python -m tfharness` in ``tmp`` (Hydra writes its folders there), tracking into tmp."""
     environment = {**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    python = [sys.executable]
     if pause:
-        environment[serialization.SAVE_PAUSE_HOOK] = pause
+        fragment, marker, *seconds = pause.split(":")
+        python = pause_in_save.command(fragment, Path(marker), *map(float, seconds))
     return subprocess.Popen(
-        [sys.executable, "-m", "tfharness", *RUN, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        [*python, "-m", "tfharness", *RUN, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
          f"checkpoint_root={tmp / 'checkpoints'}", "print_report=false", "resume=true",
          *overrides], cwd=tmp, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=own_group)
@@ -81,7 +84,7 @@ def gone(pid: int, timeout: float = 15) -> bool:
     return False
 
 
-def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 90) -> None:
+def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not marker.exists():
         if process.poll() is not None:
@@ -205,7 +208,8 @@ def test_a_dead_tracking_process_fails_the_run_clearly(tmp_path, make_cfg, monke
     from tfharness.errors import TrackingError
 
     marker = tmp_path / "paused"
-    monkeypatch.setenv(serialization.SAVE_PAUSE_HOOK, f"pretrain-e0002:{marker}:2")
+    monkeypatch.setattr(serialization, "_fsync_tree",
+                        pause_in_save.pausing("pretrain-e0002", marker, 2))
 
     def kill_tracking_process_at_the_pause() -> None:
         deadline = time.time() + 90
@@ -221,8 +225,7 @@ def test_a_dead_tracking_process_fails_the_run_clearly(tmp_path, make_cfg, monke
     run = only_run(client)
     assert run.info.status == "FAILED"  # never left RUNNING, never FINISHED with holes
     assert "tracking process is gone" in run.data.tags["error"]
-    # The next run starts a new tracking process.
-    monkeypatch.delenv(serialization.SAVE_PAUSE_HOOK)
+    # The next run starts a new tracking process (the marker exists: no pause this time).
     result = tfharness.run(make_cfg([*RUN, "trainer.epochs=1", "finetune=none"], out="again"))
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
@@ -255,12 +258,11 @@ def test_sigkill_during_a_model_save_leaves_the_old_state_and_resumes(tmp_path, 
 
 def test_sigterm_stops_promptly_marks_the_run_killed_and_keeps_the_checkpoint(tmp_path):
     marker = tmp_path / "paused"
-    process = harness(tmp_path, pause=f"pretrain-e0003:{marker}")
+    # Paused far longer than the test waits: only a prompt stop lets communicate() return.
+    process = harness(tmp_path, pause=f"pretrain-e0003:{marker}:3600")
     wait_for(marker, process)
-    sent = time.time()
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert time.time() - sent < 15
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted by SIGTERM" in stderr and "resume=true" in stderr
     run = only_run(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
@@ -343,8 +345,8 @@ def test_atomic_write_killed_mid_replace_keeps_the_old_directory(tmp_path):
     code = ("from pathlib import Path; from tfharness.serialization import atomic_write\n"
             "def write(tmp):\n    tmp.mkdir(); (tmp / 'weights').write_text('new')\n"
             f"atomic_write(Path({str(target)!r}), write)\n")
-    process = subprocess.Popen([sys.executable, "-c", code], env={
-        **os.environ, "PYTHONPATH": SRC, serialization.SAVE_PAUSE_HOOK: f"model:{marker}"})
+    process = subprocess.Popen([*pause_in_save.command("model", marker), "-c", code],
+                               env={**os.environ, "PYTHONPATH": SRC})
     wait_for(marker, process, timeout=30)
     process.kill()
     process.wait()

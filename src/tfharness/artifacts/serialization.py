@@ -50,11 +50,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-# For tests only: "<name fragment>:<marker file>[:<seconds>]" makes atomic_write create the
-# marker file and pause (a minute by default) once it has written a temporary whose target name
-# contains the fragment, so a test can kill the process in the middle of a save. Once only: an
-# existing marker file disables it.
-SAVE_PAUSE_HOOK = "TFHARNESS_TEST_PAUSE_IN_SAVE"
 PARTIAL_MARKERS = (".tmp-", ".old-")
 
 
@@ -70,16 +65,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(handle)
-
-
-def _pause_for_tests(target: Path) -> None:
-    hook = os.environ.get(SAVE_PAUSE_HOOK)
-    if not hook or ":" not in hook:
-        return
-    fragment, marker, *seconds = hook.split(":")
-    if fragment in target.name and not Path(marker).exists():
-        Path(marker).write_text(str(os.getpid()))
-        time.sleep(float(seconds[0]) if seconds else 60.0)
 
 
 def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
@@ -99,7 +84,6 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         _fsync_tree(tmp)
-        _pause_for_tests(target)
         if target.is_dir():
             # Directories cannot be swapped by one rename: move the old one aside first
             # (sweep_partial_writes puts it back if the process dies between the two renames).
