@@ -400,7 +400,39 @@ def tracking_variants(root: Path, rounds: int) -> dict:
         loads.append(os.getloadavg()[0])
     medians = {key: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
                for key, runs in samples.items()}
-    return {"medians": medians, "rounds": rounds, "loads": loads}
+    return {"medians": medians, "rounds": rounds, "loads": loads,
+            "refused": refused_call_waits()}
+
+
+REFUSED_CALL = """
+import os, socket, sys, time
+probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+import mlflow
+from mlflow.entities import Metric
+client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+start = time.perf_counter()
+try:
+    client.log_batch("0" * 32, metrics=[Metric("m", 1.0, 0, 0)])
+except Exception:
+    print(time.perf_counter() - start)
+"""
+
+
+def refused_call_waits() -> dict:
+    """How long one synchronous MLflow call waits on a server that refuses connections (a
+    stopped server) before it raises: with MLflow's own HTTP retry settings, and with the ones
+    tfharness' delivery thread sets (it retries by itself, without holding training)."""
+    settings = {"MLflow's defaults": {},
+                "tfharness (0 retries, 10 s timeout)": {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}}
+    waits = {}
+    for label, extra in settings.items():
+        environment = {k: v for k, v in os.environ.items()
+                       if not k.startswith("MLFLOW_HTTP_REQUEST")}
+        done = subprocess.run([sys.executable, "-c", REFUSED_CALL], capture_output=True,
+                              text=True, env={**environment, **extra})
+        waits[label] = float(done.stdout.strip().splitlines()[-1])
+    return waits
 
 
 def tracking_variant_lines(result: dict) -> list:
@@ -414,6 +446,10 @@ def tracking_variant_lines(result: dict) -> list:
     for (workload, variant), m in result["medians"].items():
         lines.append(f"| {workload} | {variant} | {m['wall']:.2f} | {m['cpu']:.2f} | "
                      f"{m['total_rss_mib']:.0f} | {m['rss_mib']:.0f} |")
+    if result.get("refused"):
+        lines += ["", "One synchronous MLflow call to a server that refuses connections waits, "
+                  "before it raises:", ""]
+        lines += [f"- {label}: {seconds:.1f} s" for label, seconds in result["refused"].items()]
     return lines
 
 

@@ -315,9 +315,8 @@ def block_class():
     if _BLOCK_CLASS is not None:
         return _BLOCK_CLASS
     import keras
-    # private: Keras has no public way to ask whether the load in progress is in safe mode
-    # (keras.config only switches unsafe deserialization on, globally); from_config needs it.
-    # tests/test_private_apis.py fails when it moves.
+    # private: no public API says if the load in progress is in safe mode (tested in
+    # tests/test_private_apis.py); from_config needs it.
     from keras.src.saving import serialization_lib
 
     @keras.saving.register_keras_serializable(package="tfharness")

@@ -64,7 +64,17 @@ def log_model_spec(spec: ModelSpec, run_id: str) -> str:
     check loads the model, that is TensorFlow, into the process that logs, to prove what the
     runner has proved already (the saved artifact reloads and serves the same outputs).
     """
+    import mlflow
     from mlflow.models import Model
+
+    # The logged model is created here, in the run's experiment, with the run's params:
+    # Model.log alone would take both from the calling thread's active run, which the
+    # delivering thread does not have.
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=spec.name,
+                                       source_run_id=run_id, tags=spec.tags or None,
+                                       params=dict(run.data.params))
 
     # private: ``validate_serving_input`` is an undocumented keyword of ``Model.log`` (the
     # transformers flavor passes it); the public mlflow.pyfunc.log_model offers no way to keep
@@ -75,10 +85,10 @@ def log_model_spec(spec: ModelSpec, run_id: str) -> str:
         validate_serving_input=False,
         artifact_path=None,
         run_id=run_id,
+        model_id=model.model_id,
         name=spec.name,
         python_model=PYTHON_MODEL,
         artifacts={"model": spec.artifact, **spec.extra_artifacts},
-        tags=spec.tags or None,
         signature=spec.signature,
         input_example=spec.example,
         pip_requirements=spec.requirements,
