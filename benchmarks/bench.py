@@ -8,7 +8,7 @@ matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job
 process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
-Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|default|large]
+Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|surgery|default|large|mobilenet|images|csv|data]
 """
 
 from __future__ import annotations
@@ -49,6 +49,24 @@ WORKLOADS = {
                       "data.finetune_num_classes=5", "model.units=[512,512]",
                       "trainer.epochs=3", "trainer.batch_size=128", "finetune.epochs=2",
                       "finetune.learning_rate=1e-3", "finetune.head.num_classes=5"],
+    },
+    # Fine-tuning a MobileNetV2-sized backbone (keras.applications, alpha 1.0, random weights)
+    # at 32x32: pretrain one epoch, new head, the base frozen but for its last 20 layers.
+    "mobilenet": {
+        "data_name": "synthetic",
+        "data": {"shape": [32, 32, 3], "num_samples": 3000, "num_classes": 10,
+                 "finetune_num_samples": 3000, "finetune_num_classes": 5},
+        "application": "MobileNetV2", "unfrozen": 20, "units": [], "epochs": 1,
+        "batch_size": 64, "learning_rate": 1e-3, "finetune_epochs": 2,
+        "finetune_learning_rate": 1e-4, "head_classes": 5, "seed": 42,
+        # The comparison is fit throughput against plain Keras; autolog adds nothing here.
+        "ways": ["plain", "harness"],
+        "overrides": ["data=synthetic", "data.shape=[32,32,3]", "data.num_samples=3000",
+                      "data.num_classes=10", "data.finetune_num_samples=3000",
+                      "data.finetune_num_classes=5", "model=keras_application",
+                      "model.weights=null", "trainer.epochs=1", "trainer.batch_size=64",
+                      "finetune.epochs=2", "finetune.learning_rate=1e-4",
+                      "finetune.head.num_classes=5", "finetune.freeze=[base/0:-20]"],
     },
 }
 TINY = ["data=synthetic", "data.shape=[16]", "data.num_samples=60", "data.finetune_num_samples=40",
@@ -127,13 +145,16 @@ def prepare_store(uri: str, experiment: str) -> None:
                                                                 "mlartifacts").as_uri())
 
 
-def harness_throughput(uri: str) -> float:
+def harness_throughput(uri: str) -> dict:
+    """Pretraining and fine-tuning samples/s of the latest harness run in ``uri``."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("tfharness")
     run = client.search_runs([exp.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
-    return run.data.metrics["pretrain/samples_per_second"]
+    return {"samples_per_s": run.data.metrics["pretrain/samples_per_second"],
+            "finetune_samples_per_s": run.data.metrics.get("finetune/samples_per_second",
+                                                           float("nan"))}
 
 
 def compare(name: str, work: dict, repeats: int, root: Path) -> dict:
@@ -153,15 +174,17 @@ def compare(name: str, work: dict, repeats: int, root: Path) -> dict:
                     str(metrics_file)],
         "harness": [str(BIN / "tfharness"), *work["overrides"], f"tracking.uri={harness_uri}"],
     }
+    ways = {way: command for way, command in ways.items() if way in work.get("ways", ways)}
     samples = {way: [] for way in ways}
     for repeat in range(repeats):
         for way, command in ways.items():
             measured = timed(command, folder)
             if way == "harness":
-                measured["samples_per_s"] = harness_throughput(harness_uri)
+                measured.update(harness_throughput(harness_uri))
             else:
-                measured["samples_per_s"] = json.loads(metrics_file.read_text())[
-                    "pretrain/samples_per_second"]
+                plain = json.loads(metrics_file.read_text())
+                measured["samples_per_s"] = plain["pretrain/samples_per_second"]
+                measured["finetune_samples_per_s"] = plain["finetune/samples_per_second"]
             samples[way].append(measured)
             print(f"  {name} #{repeat + 1} {way}: {measured['wall']:.2f} s, "
                   f"{measured['samples_per_s']:.0f} samples/s, {measured['rss_mib']:.0f} MiB "
@@ -453,6 +476,97 @@ def tracking_variant_lines(result: dict) -> list:
     return lines
 
 
+def fine_tune_lines(name: str, work: dict, ways: dict, repeats: int) -> list:
+    """The results.md section of a fine-tune workload (harness against plain Keras only)."""
+    plain, harness = ways["plain"], ways["harness"]
+    ratio = harness["finetune_samples_per_s"] / plain["finetune_samples_per_s"]
+    return [f"Fine-tune workload `{name}` ({work['application']} at "
+            f"{'x'.join(map(str, work['data']['shape']))}, random weights; pretrain "
+            f"{work['epochs']} epoch, then a new head with all but the last {work['unfrozen']} "
+            f"layers of the base frozen, {work['finetune_epochs']} epochs; median of {repeats} "
+            f"alternated runs; `scripts/bench --only {name}`):", "",
+            "| way | wall s | pretrain samples/s | fine-tune samples/s |", "|---|---|---|---|",
+            *(f"| {way} | {m['wall']:.2f} | {m['samples_per_s']:.0f} | "
+              f"{m['finetune_samples_per_s']:.0f} |" for way, m in ways.items()),
+            "", "| target | measured | |", "|---|---|---|",
+            f"| fine-tune `fit` throughput harness/plain >= 0.95 | {ratio:.3f} | "
+            f"{verdict(ratio >= 0.95)} |"]
+
+
+def surgery_timing(rounds: int = 5) -> list:
+    """Head surgery, selector resolution and the layer report on MobileNetV2 (alpha 1.0): the
+    work tfharness adds around a fine-tune of a ~150-layer backbone, timed in this process."""
+    from tfharness import finetune as ft
+    from tfharness.config import FinetuneConfig, HeadConfig, StageConfig
+    from tfharness.models.applications import build_keras_application
+
+    model = build_keras_application((32, 32, 3), 10, name="MobileNetV2", weights=None)
+    cfg = FinetuneConfig(head=HeadConfig(pop=1, num_classes=5), stages=[
+        StageConfig(name="head", freeze=["@base"]),
+        StageConfig(name="top", freeze=["preprocess", "base/0:-20", "base/*_BN"])])
+    walls = {"surgery + selectors (plan)": [], "head, freeze, snapshots, report": []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        frozen = ft.plan(model, cfg)
+        walls["surgery + selectors (plan)"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tuned, _ = ft.prepare(model, cfg)
+        ft.apply_freeze(tuned, frozen[1], freeze_batchnorm=True)
+        before = ft.snapshot(tuned)
+        report = ft.stage_report(tuned, "top", before, ft.snapshot(tuned))
+        walls["head, freeze, snapshots, report"].append(time.perf_counter() - start)
+    layers = len(ft.leaves(tuned))
+    medians = {k: statistics.median(v) for k, v in walls.items()}
+    total = sum(medians.values())
+    return [f"Head surgery, selectors and report on MobileNetV2 at 32x32 ({layers} layers in "
+            f"the report, {len(report.rows)} rows; median of {rounds}; "
+            f"`scripts/bench --only surgery`):", "",
+            "| step | seconds |", "|---|---|",
+            *(f"| {k} | {v:.3f} |" for k, v in medians.items()),
+            f"| together (target < 1 s) | {total:.3f} {verdict(total < 1.0)} |"]
+
+
+def write_section(output: Path, lines: list) -> None:
+    """Replaces the section of ``output`` whose first line starts like ``lines[0]``."""
+    text = output.read_text() if output.exists() else "# tfharness benchmark\n"
+    key = lines[0].split("(")[0]
+    head, marker, rest = text.partition(key)
+    if not marker:
+        output.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+        return
+    # The section runs to the first line of text after its tables.
+    lines_after = rest.split("\n")
+    seen_table, cut = False, len(lines_after)
+    for index, line in enumerate(lines_after[1:], start=1):
+        seen_table = seen_table or line.startswith("|")
+        if seen_table and line and not line.startswith("|"):
+            cut = index
+            break
+    tail = "\n".join(lines_after[cut:])
+    output.write_text(head + "\n".join(lines) + ("\n\n" + tail if tail else "\n"))
+
+
+DATA_WORKLOADS = ("images", "csv", "data")
+
+
+def run_data_workloads(which: str, root: Path, repeats: int, output: Path) -> None:
+    """The data-source workloads of ``data_bench.py``; replaces their section in ``output``
+    (with ``images`` or ``csv`` alone, the section holds that workload only)."""
+    sys.path.insert(0, str(HERE))
+    import data_bench
+
+    load_before = os.getloadavg()[0]
+    image_results = (data_bench.images(root, repeats, timed, prepare_store)
+                     if which in ("images", "data") else None)
+    csv_results = (data_bench.csv(root, repeats, timed, prepare_store)
+                   if which in ("csv", "data") else None)
+    lines = data_bench.section(image_results, csv_results, repeats, verdict,
+                               (load_before, os.getloadavg()[0]))
+    output.write_text(data_bench.replace_section(
+        output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
+    print("\n".join(lines))
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -482,9 +596,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
-    parser.add_argument("--only", choices=["save-formats", "tracking", *WORKLOADS],
-                        help="save-formats: run only that section and replace it in --output; "
-                             "a workload: compare on it only and print the medians")
+    parser.add_argument("--only", choices=["save-formats", "surgery", "tracking", *WORKLOADS,
+                                           *DATA_WORKLOADS],
+                        help="save-formats, surgery, tracking, images, csv or data (images and "
+                             "csv): run only that section and replace it in --output; a "
+                             "workload: compare on it only and print the medians (mobilenet: "
+                             "and replace its section)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
@@ -497,6 +614,9 @@ def main() -> None:
             TRACKING_SECTION))
         print("\n".join(lines))
         return
+    if args.only in DATA_WORKLOADS:
+        run_data_workloads(args.only, root, repeats, Path(args.output))
+        return
     if args.only == "save-formats":
         lines = save_format_lines(save_formats(WORKLOADS["large"], root,
                                                1 if args.quick else SAVE_FORMAT_ROUNDS))
@@ -505,11 +625,21 @@ def main() -> None:
             output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
         print("\n".join(lines))
         return
+    if args.only == "surgery":
+        lines = surgery_timing(1 if args.quick else 5)
+        write_section(Path(args.output), lines)
+        print("\n".join(lines))
+        return
     if args.only in WORKLOADS:
         ways = compare(args.only, WORKLOADS[args.only], repeats, root)
         for way, m in ways.items():
             print(f"{way}: {m['wall']:.2f} s, {m['samples_per_s']:.0f} samples/s, "
                   f"{m['rss_mib']:.0f} + {m['helpers_rss_mib']:.0f} MiB")
+        if "autolog" not in ways:
+            lines = fine_tune_lines(args.only, WORKLOADS[args.only], ways, repeats)
+            write_section(Path(args.output), lines)
+            print("\n".join(lines))
+            return
         print(f"ratio harness/plain={ways['harness']['wall'] / ways['plain']['wall']:.3f} "
               f"harness/autolog={ways['harness']['wall'] / ways['autolog']['wall']:.3f} "
               f"rss={ways['harness']['total_rss_mib'] / ways['plain']['total_rss_mib']:.3f} "
@@ -544,6 +674,8 @@ def main() -> None:
     lines += ["| workload | way | wall s | samples/s | peak RSS MiB | helper processes MiB "
               "| sum MiB |", "|---|---|---|---|---|---|---|"]
     for name, ways in results.items():
+        if name == "mobilenet":
+            continue  # its own table below: its target is fine-tune throughput
         for way, m in ways.items():
             lines.append(f"| {name} | {way} | {m['wall']:.2f} | {m['samples_per_s']:.0f} | "
                          f"{m['rss_mib']:.0f} | {m['helpers_rss_mib']:.0f} | "
@@ -574,6 +706,9 @@ def main() -> None:
     lines.append(f"| sweep of {sweep['jobs']} jobs in one process <= half of {sweep['jobs']} "
                  f"invocations | {sweep['one_process_s']:.1f} s vs {sweep['separate_s']:.1f} s | "
                  f"{verdict(sweep['one_process_s'] <= sweep['separate_s'] / 2)} |")
+    lines += ["", *fine_tune_lines("mobilenet", WORKLOADS["mobilenet"], results["mobilenet"],
+                                   repeats)]
+    lines += ["", *surgery_timing()]
     lines += ["", *save_format_lines(formats)]
     lines += ["", "Logged models carry explicit pip requirements: no requirement inference."]
     lines += ["", *tracking_variant_lines(tracking_variants(root, min(repeats, 3)))]

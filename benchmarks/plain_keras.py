@@ -18,6 +18,29 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def application_model(keras, work, shape, classes):
+    """The keras.applications backbone as the Keras guide builds it: preprocessing inside,
+    the base nested without its top, global pooling, a Dense output."""
+    constructor = getattr(keras.applications, work["application"])
+    base = constructor(include_top=False, weights=None, input_shape=shape,
+                       **work.get("application_kwargs", {}))
+    inputs = keras.Input(shape=shape)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)  # MobileNetV2's preprocess_input
+    x = keras.layers.GlobalAveragePooling2D()(base(x))
+    outputs = keras.layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def application_head(keras, model, work):
+    """A new head on the pooled features; the base frozen up to its last ``unfrozen`` layers."""
+    base = model.layers[2]
+    for layer in base.layers[:len(base.layers) - work["unfrozen"]]:
+        layer.trainable = False
+    outputs = keras.layers.Dense(work["head_classes"], activation="softmax")(
+        model.layers[-2].output)
+    return keras.Model(model.inputs[0], outputs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", required=True, help="JSON from benchmarks/bench.py")
@@ -49,12 +72,15 @@ def main() -> None:
         mlflow.start_run()
 
     (x, y), (xv, yv), (xt, yt) = bundle.pretrain.train, bundle.pretrain.val, bundle.pretrain.test
-    layers = [keras.Input(shape=x.shape[1:])]
-    if x.ndim > 2:
-        layers.append(keras.layers.Flatten())
-    layers += [keras.layers.Dense(u, activation="relu") for u in work["units"]]
-    layers.append(keras.layers.Dense(bundle.pretrain.num_classes, activation="softmax"))
-    model = keras.Sequential(layers)
+    if "application" in work:
+        model = application_model(keras, work, x.shape[1:], bundle.pretrain.num_classes)
+    else:
+        layers = [keras.Input(shape=x.shape[1:])]
+        if x.ndim > 2:
+            layers.append(keras.layers.Flatten())
+        layers += [keras.layers.Dense(u, activation="relu") for u in work["units"]]
+        layers.append(keras.layers.Dense(bundle.pretrain.num_classes, activation="softmax"))
+        model = keras.Sequential(layers)
     model.compile(optimizer=keras.optimizers.Adam(work["learning_rate"]),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     start = time.perf_counter()
@@ -76,11 +102,14 @@ def main() -> None:
 
     (fx, fy), (fxv, fyv), (fxt, fyt) = (bundle.finetune.train, bundle.finetune.val,
                                         bundle.finetune.test)
-    base = model.layers[:-1]
-    for layer in base:
-        layer.trainable = False
-    tuned = keras.Sequential([keras.Input(shape=x.shape[1:]), *base,
-                              keras.layers.Dense(work["head_classes"], activation="softmax")])
+    if "application" in work:
+        tuned = application_head(keras, model, work)
+    else:
+        base = model.layers[:-1]
+        for layer in base:
+            layer.trainable = False
+        tuned = keras.Sequential([keras.Input(shape=x.shape[1:]), *base,
+                                  keras.layers.Dense(work["head_classes"], activation="softmax")])
     tuned.compile(optimizer=keras.optimizers.Adam(work["finetune_learning_rate"]),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     start = time.perf_counter()
@@ -94,6 +123,8 @@ def main() -> None:
 
     with open(args.metrics_out, "w") as handle:
         json.dump({"pretrain/samples_per_second": len(x) * work["epochs"] / pretrain_seconds,
+                   "finetune/samples_per_second": len(fx) * work["finetune_epochs"]
+                   / finetune_seconds,
                    "pretrain/train_seconds": pretrain_seconds,
                    "finetune/train_seconds": finetune_seconds}, handle)
 

@@ -97,3 +97,48 @@ def mlflow_server(tmp_path):
     yield url
     os.killpg(process.pid, 9)  # a graceful stop takes seconds; the store is thrown away
     process.wait(timeout=30)
+
+
+def make_image_folder(root: Path, classes: Sequence[str], per_class: int = 6, *,
+                      size=(12, 10), seed: int = 0, untidy: bool = False) -> Path:
+    """Writes ``root/<class>/<n>.jpg|png`` with PIL, each class a distinct colour (learnable).
+
+    ``untidy``: mixed sizes, some grayscale files, and files that are not images beside them.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.zeros(3)
+        base[index % 3] = 200
+        for n in range(per_class):
+            width, height = size
+            if untidy:
+                width, height = width + 3 * (n % 3), height + 2 * (n % 2)
+            noise = rng.integers(0, 40, (height, width, 3))
+            image = Image.fromarray(np.clip(base + noise, 0, 255).astype("uint8"))
+            if untidy and n % 3 == 1:
+                image = image.convert("L")
+            image.save(folder / (f"{n}.png" if n % 2 else f"{n}.jpg"))
+        if untidy:
+            (folder / "notes.txt").write_text("not an image")
+            (folder / "fake.jpg").write_text("a text file with an image's name")
+    return root
+
+
+def write_csv(path: Path, rows: int = 60, *, seed: int = 0, labels=("setosa", "versicolor",
+              "virginica")) -> Path:
+    """A small iris-like CSV: four numeric features, a text column, a string label column."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["sepal_length,sepal_width,petal_length,petal_width,note,species"]
+    for i in range(rows):
+        k = i % len(labels)
+        values = rng.normal(loc=[5 + k, 3 - k * 0.3, 1.5 + 2 * k, 0.2 + k], scale=0.2)
+        lines.append(",".join(f"{v:.3f}" for v in values) + f",row{i},{labels[k]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

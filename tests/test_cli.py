@@ -45,7 +45,7 @@ def test_help_and_cfg_job_answer_without_tensorflow(tmp_path):
 
     help_out = watched("--help")
     assert help_out.returncode == 0, help_out.stderr
-    assert "data: digits, npz, synthetic" in help_out.stdout
+    assert "data: csv, digits, image_folder, npz, synthetic, tfds" in help_out.stdout
     assert "experiment: seed_example1, seed_example2, seed_example3, transfer_digits" in help_out.stdout
     job = watched("--cfg", "job", "finetune.freeze=[0]", "model=cnn")
     assert job.returncode == 0, job.stderr
@@ -100,7 +100,7 @@ def test_default_command_runs_from_any_directory_into_local_sqlite(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(tmp_path / "mlflow.db")
     assert run.info.status == "FINISHED"
-    assert run.info.run_name.startswith("data.finetune_num_classes=3")
+    assert run.info.run_name.startswith("data=synthetic shape=[12] samples=60")
     assert "Trainable layers per fine-tune stage" in result.stdout
     outputs = list((tmp_path / "outputs").glob("*/*/models/finetuned/saved_model.pb"))
     assert len(outputs) == 1

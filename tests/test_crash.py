@@ -155,7 +155,7 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
 
 
 def state_of_output(run) -> str:
-    return run.data.params["output_dir"]
+    return run.data.tags["output_dir"]
 
 
 def test_two_resumes_of_one_run_at_once_one_resumes_the_other_says_so(tmp_path):

@@ -35,9 +35,9 @@ def test_mirrored_on_two_logical_cpus_keeps_the_results_contract(tmp_path):
     assert run.data.tags["replicas"] == "2"
     run_id = run.info.run_id
     for key, steps in (("pretrain/loss", [0, 1]), ("pretrain/val_accuracy", [0, 1]),
-                       ("finetune/loss", [0, 1]), ("reload/max_abs_diff", [0, 1])):
+                       ("finetune/loss", [0, 1]), ("reload/finetuned/max_abs_diff", [0])):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == steps, key
-    assert run.data.metrics["reload/max_abs_diff"] == 0.0
+    assert run.data.metrics["reload/finetuned/max_abs_diff"] == 0.0
     assert run.data.metrics["finetune/frozen_weight_change_max"] == 0.0
     version = client.get_model_version("mirrored", "1")
     assert version.run_id == run_id

@@ -13,6 +13,15 @@ from tfharness.models import build_model, compile_model
 NAMES = ["flatten", "dense_0", "dense_1", "head"]
 
 
+@pytest.fixture(scope="module")
+def tuned():
+    """An MLP (flatten, dense_0, dense_1, output) with its output swapped for a new head."""
+    model = build_model(MlpConfig(units=[8, 6]), (4, 4, 1), 3)
+    tuned, head_names = ft.attach_head(model, HeadConfig(pop=1, num_classes=5))
+    assert head_names == ["head"]
+    return model, tuned
+
+
 @pytest.mark.parametrize("selectors,expected", [
     (["0"], {0}),
     (["-1"], {3}),
@@ -23,30 +32,28 @@ NAMES = ["flatten", "dense_0", "dense_1", "head"]
     (["dense_*"], {1, 2}),
     (["@base"], {0, 1, 2}),
 ])
-def test_selectors_pick_layers_by_index_slice_name_glob_and_base(selectors, expected):
-    assert ft.resolve_selectors(selectors, NAMES, base_count=3, key="finetune.freeze") == expected
+def test_selectors_pick_layers_by_index_slice_name_glob_and_base(tuned, selectors, expected):
+    chosen = ft.resolve_selectors(selectors, tuned[1], ["head"], key="finetune.freeze")
+    assert chosen == {NAMES[i] for i in expected}
 
 
 @pytest.mark.parametrize("selector", ["7", "-9", "conv*", "dense_9", "5:"])
-def test_a_selector_matching_nothing_lists_the_layers(selector):
+def test_a_selector_matching_nothing_lists_the_layers(tuned, selector):
     with pytest.raises(ConfigError) as info:
-        ft.resolve_selectors(["0", selector], NAMES, base_count=3, key="finetune.freeze")
+        ft.resolve_selectors(["0", selector], tuned[1], ["head"], key="finetune.freeze")
     message = str(info.value)
     assert "'finetune.freeze[1]'" in message and repr(selector) in message
     assert "0:flatten, 1:dense_0, 2:dense_1, 3:head" in message
 
 
-def test_planned_layers_match_the_model_attach_head_builds():
-    model = build_model(MlpConfig(units=[8, 6]), (4, 4, 1), 3)
-    head = HeadConfig(pop=1, num_classes=5)
-    planned = ft.planned_layers([layer.name for layer in model.layers], head)
-    tuned = ft.attach_head(model, head)
-    assert planned == [layer.name for layer in tuned.layers] == NAMES
-    assert tuned.output_shape == (None, 5)
+def test_attach_head_rebuilds_on_the_graph_sharing_the_pretrained_layers(tuned):
+    model, new = tuned
+    assert [layer.name for layer in ft.layertree.visible_layers(new)] == NAMES
+    assert new.output_shape == (None, 5)
     # The kept layers are the pretrained ones, weights and all.
-    assert tuned.get_layer("dense_0") is model.get_layer("dense_0")
-    with pytest.raises(ConfigError, match="finetune.head.pop"):
-        ft.planned_layers(planned, HeadConfig(pop=4))
+    assert new.get_layer("dense_0") is model.get_layer("dense_0")
+    with pytest.raises(ConfigError, match="'finetune.head.pop': got 5; allowed: at most 3"):
+        ft.attach_head(model, HeadConfig(pop=5))
 
 
 def _fit_stage(model, frozen, epochs=2):
@@ -65,11 +72,10 @@ def test_frozen_layers_do_not_move_batchnorm_statistics_included():
 
     keras.utils.set_random_seed(0)
     base = build_model(CnnConfig(filters=[4, 4], dense_units=8), (8, 8, 1), 4)
-    model = ft.attach_head(base, HeadConfig(pop=1, num_classes=3))
-    names = [layer.name for layer in model.layers]
-    frozen = ft.resolve_selectors(["conv_*", "bn_*"], names, len(names) - 1, "finetune.freeze")
+    model, head_names = ft.attach_head(base, HeadConfig(pop=1, num_classes=3))
+    frozen = ft.resolve_selectors(["conv_*", "bn_*"], model, head_names, "finetune.freeze")
     before, after = _fit_stage(model, frozen)
-    report = ft.stage_report(model, "s", frozen, before, after)
+    report = ft.stage_report(model, "s", before, after)
     assert report.frozen_weight_change_max == 0.0
     rows = {row["layer"]: row for row in report.rows}
     assert rows["bn_0"]["trainable"] is False and rows["bn_0"]["relative_weight_change"] == 0.0
@@ -86,9 +92,10 @@ def test_frozen_layers_do_not_move_batchnorm_statistics_included():
 def test_a_frozen_layer_that_moved_fails_the_check():
     model = build_model(MlpConfig(units=[5]), (3,), 2)
     before = ft.snapshot(model)
+    ft.apply_freeze(model, {"dense_0"})
     model.get_layer("dense_0").kernel.assign(np.asarray(model.get_layer("dense_0").kernel) + 1)
     with pytest.raises(VerificationError, match="dense_0"):
-        ft.stage_report(model, "s", {0}, before, ft.snapshot(model))
+        ft.stage_report(model, "s", before, ft.snapshot(model))
 
 
 def test_stages_default_to_one_stage_from_the_top_level_keys():

@@ -47,11 +47,11 @@ def test_one_metric_point_per_epoch_per_phase(digits_run):
             history = client.get_metric_history(run.info.run_id, f"{phase}/{name}")
             assert [m.step for m in history] == list(range(epochs)), (phase, name)
     metrics = run.data.metrics
-    for key in ("test/loss", "test/accuracy", "reload/max_abs_diff",
-                "finetune/trainable_params", "finetune/frozen_params",
+    for key in ("test/loss", "test/accuracy", "reload/finetuned/max_abs_diff",
+                "reload/pretrained/max_abs_diff", "finetune/trainable_params", "finetune/frozen_params",
                 "finetune/frozen_weight_change_max", "pretrain/test_accuracy"):
         assert key in metrics, key
-    assert metrics["reload/max_abs_diff"] == 0.0
+    assert metrics["reload/finetuned/max_abs_diff"] == 0.0
     assert metrics["finetune/frozen_weight_change_max"] == 0.0
     # @base frozen: only the new head trains (16 inputs -> 5 classes).
     assert metrics["finetune/trainable_params"] == 16 * 5 + 5
@@ -68,7 +68,8 @@ def test_run_status_tags_and_config_artifacts(digits_run):
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["data"] == "digits" and tags["model"] == "mlp" and "command" in tags
-    assert run.info.run_name == ",".join(DIGITS_QUICK)
+    # Named by what the overrides changed, short keys first (the UI cuts names short).
+    assert run.info.run_name == "tr.epochs=3 ft.epochs=2 units=[16]"
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.yaml", "reports"} <= files
     config_text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
@@ -139,7 +140,7 @@ def test_other_formats_round_trip_in_a_run(make_cfg, client, fmt):
     run = only_run(client)
     assert run.info.status == "FINISHED"
     assert result.artifacts["finetuned"].suffix == f".{fmt}"
-    assert run.data.metrics["reload/max_abs_diff"] == 0.0
+    assert run.data.metrics["reload/finetuned/max_abs_diff"] == 0.0
     x = np.zeros((2, 12), np.float32)
     assert mlflow.pyfunc.load_model(result.model_uris["finetuned"]).predict(x).shape == (2, 3)
 
@@ -157,11 +158,18 @@ def test_staged_cnn_run_with_batchnorm_frozen_then_unfrozen(make_cfg, client):
     assert head_rows["bn_0"]["relative_weight_change"] == 0.0
     all_rows = {r["layer"]: r for r in result.report if r["stage"] == "all"}
     assert all_rows["conv_0"]["trainable"] is True and all_rows["conv_0"]["relative_weight_change"] > 0
-    # Steps continue across stages: 2 + 1 epochs of finetune metrics, per-stage counts at 0, 1.
+    # Steps continue across stages: 2 + 1 epochs of finetune metrics; each stage's one-off
+    # figures are one point under the stage's name, never a curve over the stages.
     history = client.get_metric_history(run.info.run_id, "finetune/loss")
     assert [m.step for m in history] == [0, 1, 2]
-    counts = client.get_metric_history(run.info.run_id, "finetune/frozen_params")
-    assert [m.step for m in counts] == [0, 1]
+    for stage in ("head", "all"):
+        counts = client.get_metric_history(run.info.run_id, f"finetune/{stage}/frozen_params")
+        assert [m.step for m in counts] == [0], stage
+    # Only BatchNormalization's moving statistics stay non-trainable once all is unfrozen.
+    assert run.data.metrics["finetune/all/frozen_params"] < \
+        run.data.metrics["finetune/head/frozen_params"]
+    assert run.data.metrics["finetune/frozen_weight_change_max"] == 0.0
+    assert "finetune/frozen_params" not in run.data.metrics
 
 
 @pytest.mark.parametrize("preset", ["seed_example1", "seed_example2", "seed_example3"])

@@ -191,7 +191,7 @@ def test_seed_example1_fine_tunes_from_the_command_line(artifacts, tmp_path):
     assert run.data.params["source"] == str(root / "my_saved_model")
     assert run.data.tags["tfharness.source_kind"] == "opaque-savedmodel"
     assert run.data.tags["model"] == "source:opaque-savedmodel"
-    assert run.data.metrics["reload/max_abs_diff"] == 0.0
+    assert run.data.metrics["reload/finetuned/max_abs_diff"] == 0.0
     # The fine-tuned model serves through MLflow on its own: the block's graph went with it.
     logged = {m.name: m for m in client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id='{run.info.run_id}'")}

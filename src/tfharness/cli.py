@@ -66,18 +66,28 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from tfharness.tracking import naming
     from tfharness.pipeline.runner import run
-    from tfharness.sweeps import PARENT_RUN_ENV
+    from tfharness.rerun import RERUN_OF_ENV
+    from tfharness.tracking.record import RERUN_OF_TAG
+    from tfharness.sweeps import PARENT_RUN_ENV, SWEPT_KEYS_ENV, SWEPT_TAG
 
     hydra_cfg = HydraConfig.get()
     overrides: List[str] = list(hydra_cfg.overrides.task)
-    if not cfg.tracking.run_name and hydra_cfg.job.override_dirname:
-        cfg.tracking.run_name = hydra_cfg.job.override_dirname
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    # A sweep's job is named by its values of the swept keys, a single run by its overrides.
+    swept = [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k] if in_sweep else []
+    if not cfg.tracking.run_name:
+        cfg.tracking.run_name = naming.run_name(overrides, swept) or None
     if in_sweep and not any(o.startswith("print_report=") for o in overrides):
         # One table per job would bury the sweep's own trial table at the end.
         cfg.print_report = False
     tags = {"tfharness.job_num": str(hydra_cfg.job.num)} if in_sweep else {}
+    if swept:
+        values = naming.override_values(overrides)
+        tags[SWEPT_TAG] = " ".join(f"{k}={values[k]}" for k in swept if k in values)
+    if os.environ.get(RERUN_OF_ENV):
+        tags[RERUN_OF_TAG] = os.environ[RERUN_OF_ENV]
     parent_run_id = os.environ.get(PARENT_RUN_ENV) if in_sweep else None
     try:
         result = run(cfg, overrides=overrides, tags=tags, parent_run_id=parent_run_id,
@@ -152,6 +162,15 @@ def main() -> None:
     args = sys.argv[1:]
     # The user's modules import from the current folder, as with `python -m tfharness`.
     import_current_folder()
+    if any(a == "--rerun" or a.startswith("--rerun=") for a in args):
+        from tfharness.rerun import rerun_args
+
+        try:
+            args = rerun_args(args)
+        except HarnessError as error:
+            sys.stderr.write(f"tfharness: {error}\n")
+            sys.exit(1)
+        sys.argv = [sys.argv[0], *args]
     plain_help = ("--help" in args or "-h" in args) and not any(
         a.startswith("--hydra") or a in ("-m", "--multirun", "--cfg", "-c") for a in args)
     if plain_help:

@@ -26,6 +26,10 @@ from omegaconf import DictConfig, OmegaConf, flag_override
 log = logging.getLogger("tfharness")
 
 PARENT_RUN_ENV = "TFHARNESS_PARENT_RUN_ID"
+# The swept keys, comma-separated, handed to every job like the parent's id: a job names its run
+# by its values of them (tfharness.tracking.naming).
+SWEPT_KEYS_ENV = "TFHARNESS_SWEPT_KEYS"
+SWEPT_TAG = "tfharness.swept"
 SWEEP_TAG = "tfharness.sweep"
 TRIALS_TABLE = "sweep/trials.json"
 CHAMPION_ALIAS = "champion"
@@ -42,6 +46,7 @@ class Trial:
     objective: Optional[float]
     params: Dict[str, str]
     error: Optional[str] = None
+    metrics: Dict[str, float] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
@@ -129,8 +134,24 @@ def collect(client, experiment_id: str, parent_run_id: str, objective: str,
             objective=run.data.metrics.get(objective),
             params=dict(run.data.params),
             error=run.data.tags.get("error"),
+            metrics=dict(run.data.metrics),
         ))
     return summary
+
+
+def describe_sweep(summary: SweepSummary, swept: List[str]) -> str:
+    """The parent run's one-line description: what was swept, how it went, the best trial."""
+    from tfharness.tracking.naming import values_name
+
+    head = (f"Sweep over {', '.join(swept) or 'nothing'}: {len(summary.trials)} trials, "
+            f"{summary.failed} failed")
+    best = summary.best
+    if best is None:
+        return head + "; no trial succeeded."
+    accuracy = best.metrics.get("test/accuracy")
+    return (f"{head}; best trial {best.number} ({values_name(best.params, swept)}): "
+            f"{summary.objective} {best.objective:.4f}"
+            + (f", test accuracy {accuracy:.4f}." if accuracy is not None else "."))
 
 
 def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_name: str,
@@ -157,7 +178,10 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     run = client.create_run(experiment_id, run_name=run_name, tags={
         "mlflow.parentRunId": parent_run_id, "tfharness.job_num": str(job_num),
         "error": f"{type(error).__name__}: {error}"[:5000]})
-    log_params(client, run.info.run_id, flatten(typed))
+    from tfharness.tracking.record import split_params
+
+    params, _ = split_params(flatten(typed))
+    log_params(client, run.info.run_id, params)
     client.set_terminated(run.info.run_id, "FAILED")
 
 
@@ -168,12 +192,17 @@ def plot(summary: SweepSummary, swept: List[str], folder: Path) -> List[Path]:
     matplotlib.use("Agg")  # files only: no display on servers and in CI
     import matplotlib.pyplot as plt
 
+    from tfharness.tracking.plots import mark_best
+
     done = sorted((t for t in summary.trials if t.succeeded), key=lambda t: t.number or 0)
     if not done:
         return []
+    best = done.index(summary.best)
+    best_label = f"best: trial {summary.best.number}"
     paths = []
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot([t.number for t in done], [t.objective for t in done], "o-")
+    mark_best(axes, [t.number for t in done], [t.objective for t in done], best, best_label)
     axes.set_xlabel("trial (job number)")
     axes.set_ylabel(summary.objective)
     axes.set_title("Objective per trial")
@@ -186,13 +215,15 @@ def plot(summary: SweepSummary, swept: List[str], folder: Path) -> List[Path]:
         figure, axes = plt.subplots(figsize=(6, 4))
         numeric = _as_floats(values)
         if numeric is not None:
-            axes.scatter(numeric, [t.objective for t in done])
+            xs = numeric
             if min(numeric) > 0 and max(numeric) / min(numeric) >= 100:
                 axes.set_xscale("log")  # learning rates and the like span decades
         else:
             labels = sorted({str(v) for v in values})
-            axes.scatter([labels.index(str(v)) for v in values], [t.objective for t in done])
+            xs = [labels.index(str(v)) for v in values]
             axes.set_xticks(range(len(labels)), labels)
+        axes.scatter(xs, [t.objective for t in done])
+        mark_best(axes, xs, [t.objective for t in done], best, best_label)
         axes.set_xlabel(key)
         axes.set_ylabel(summary.objective)
         axes.set_title(f"{summary.objective} against {key}")
@@ -304,8 +335,11 @@ class SweepCallback(Callback):
 
         from tfharness.config import flatten, register_configs, to_typed
         from tfharness.config.targets import option_name
+        from tfharness.rerun import RERUN_OF_ENV
         from tfharness.tracking import open_experiment, run_tags
         from tfharness.tracking.batches import log_params
+        from tfharness.tracking.naming import sweep_name
+        from tfharness.tracking.record import RERUN_OF_TAG, split_params
 
         register_configs()
         job_cfg = copy.deepcopy(config)
@@ -322,20 +356,25 @@ class SweepCallback(Callback):
         tags = run_tags(option_name(typed.data), option_name(typed.model), {
             SWEEP_TAG: "parent", "sweeper": sweeper.rsplit(".", 1)[-1],
             "launcher": launcher.rsplit(".", 1)[-1], "sweep_dir": str(config.hydra.sweep.dir)})
-        run_name = "sweep " + ", ".join(space)
-        run = self._client.create_run(self._experiment_id, run_name=run_name.strip(),
+        run_name = sweep_name(space)
+        if os.environ.get(RERUN_OF_ENV):
+            tags[RERUN_OF_TAG] = os.environ[RERUN_OF_ENV]
+        run = self._client.create_run(self._experiment_id, run_name=run_name,
                                       tags={**tags, **typed.tracking.tags})
         self.parent_run_id = run.info.run_id
-        params = {**flatten(typed), "sweep.sweeper": sweeper, "sweep.launcher": launcher,
+        model_params, _ = split_params(flatten(typed))
+        params = {**model_params, "sweep.sweeper": sweeper, "sweep.launcher": launcher,
                   **{f"sweep.space.{k}": v for k, v in space.items()}}
-        params.pop("output_dir", None)
         log_params(self._client, self.parent_run_id, params)
         self._client.log_text(self.parent_run_id, OmegaConf.to_yaml(job_cfg), "sweep.yaml")
         # Every job, wherever it runs, gets the parent's id in its environment.
+        swept = ",".join(k.lstrip("+~") for k in space)
         with flag_override(config, ["readonly", "struct"], [False, False]):
             config.hydra.overrides.hydra.append(
                 f"++hydra.job.env_set.{PARENT_RUN_ENV}={self.parent_run_id}")
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{SWEPT_KEYS_ENV}='{swept}'")
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        os.environ[SWEPT_KEYS_ENV] = swept
         mlflow.set_tracking_uri(typed.tracking.uri)
         log.info("Sweep: MLflow parent run %s ('%s') in experiment '%s' at %s",
                  self.parent_run_id, run_name, typed.tracking.experiment, typed.tracking.uri)
@@ -355,6 +394,7 @@ class SweepCallback(Callback):
         if self.parent_run_id is None or self.summary is not None:
             return self.summary
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEPT_KEYS_ENV, None)
         cfg = self._cfg
         objective, direction = cfg.sweep.objective, cfg.sweep.direction
         client, parent = self._client, self.parent_run_id
@@ -382,9 +422,10 @@ class SweepCallback(Callback):
         return summary
 
     def _record(self, summary: SweepSummary, swept: List[str]) -> None:
-        from tfharness.tracking.batches import table_columns
+        from tfharness.tracking.naming import table_columns
 
         client, parent = self._client, self.parent_run_id
+
         rows = summary.rows(swept)
         if rows:
             client.log_table(parent, data=table_columns(rows), artifact_file=TRIALS_TABLE)
@@ -398,6 +439,7 @@ class SweepCallback(Callback):
             for key in swept:
                 client.set_tag(parent, f"best.{key}", str(best.params.get(key)))
             self._register_champion(best)
+        client.set_tag(parent, "mlflow.note.content", describe_sweep(summary, swept))
         with tempfile.TemporaryDirectory() as tmp:
             for path in plot(summary, swept, Path(tmp)):
                 client.log_artifact(parent, str(path), "plots")

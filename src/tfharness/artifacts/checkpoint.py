@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
+from tfharness.models.applications import register_layers
 from tfharness.config import HarnessConfig, flatten
 from tfharness.errors import ConfigError, HarnessError, NumericalError, RunInterrupted
 from tfharness.artifacts.serialization import atomic_write, sweep_partial_writes
@@ -280,6 +281,7 @@ class RunCheckpoints:
             return False
         import keras
 
+        register_layers()
         saved = keras.saving.load_model(str(self.dir / self.state.checkpoint), compile=False)
         model.set_weights(saved.get_weights())
         return True

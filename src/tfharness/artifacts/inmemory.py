@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from tfharness.artifacts import serialization
+from tfharness.models.applications import register_layers
 from tfharness.errors import SaveError
 
 FORMATS = ("keras", "savedmodel")
@@ -146,6 +147,7 @@ def load_from_bytes(data: bytes):
 
             # Keras' public load_model takes paths only (a ram:// one it copies to a local
             # temporary file first).
+            register_layers()
             path = f"{scratch}/model.keras"
             with tf.io.gfile.GFile(path, "wb") as handle:
                 handle.write(data)

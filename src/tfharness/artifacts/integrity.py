@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+from tfharness.artifacts.serialization import atomic_write
 from tfharness.errors import IntegrityError
 
 RECORD_SUFFIX = ".sha256.json"
@@ -74,8 +75,6 @@ def record_path(artifact: str | os.PathLike) -> Path:
 
 def write_record(artifact: str | os.PathLike) -> Record:
     """Hashes ``artifact`` and writes ``<artifact>.sha256.json`` beside it (atomically)."""
-    from tfharness.artifacts.serialization import atomic_write
-
     record = record_of(artifact)
     text = json.dumps({"format": RECORD_FORMAT, "sha256": record.sha256,
                        "kind": "file" if record.is_file else "directory",

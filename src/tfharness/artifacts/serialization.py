@@ -22,6 +22,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tfharness.artifacts import serving
+from tfharness.models.applications import register_layers
 from tfharness.errors import SaveError, VerificationError
 
 SUFFIXES = {"savedmodel": "", "keras": ".keras", "h5": ".h5"}
@@ -165,8 +167,6 @@ def write_savedmodel(model, path: str | os.PathLike, signatures: Sequence[str] =
     """
     import tensorflow as tf
 
-    from tfharness.artifacts import serving
-
     serving.export_savedmodel(model, str(path), signatures)
     metadata = {
         "format": METADATA_FORMAT,
@@ -216,14 +216,23 @@ def load_savedmodel(path: str | os.PathLike):
         raise SaveError(f"{path} was written by an unknown tfharness format "
                         f"{metadata.get('format')!r}; this version reads {METADATA_FORMAT}.")
     loaded = tf.saved_model.load(str(path))
+    register_layers()
     model = keras.models.model_from_json(json.dumps(metadata["architecture"]))
-    by_name = {variable.name: variable for variable in loaded.variables}
+    # Nested models may repeat a path (a base's "bn/gamma" beside the outer "bn/gamma"): the
+    # SavedModel keeps its variables in model.weights order, so the k-th variable of a name
+    # belongs to the k-th weight of that path.
+    by_name: dict = {}
+    for variable in loaded.variables:
+        by_name.setdefault(variable.name, []).append(variable)
+    seen: dict = {}
     saved_paths = metadata["weight_paths"]
     if len(saved_paths) != len(model.weights):
         raise SaveError(f"{path}: the architecture has {len(model.weights)} weights but "
                         f"{len(saved_paths)} were saved.")
     for weight, saved_path in zip(model.weights, saved_paths):
-        source = by_name.get(f"{saved_path}:0", by_name.get(saved_path))
+        occurrence = seen[saved_path] = seen.get(saved_path, -1) + 1
+        same = by_name.get(f"{saved_path}:0", by_name.get(saved_path, []))
+        source = same[occurrence] if occurrence < len(same) else None
         if source is None:
             raise SaveError(f"{path}: no variable {saved_path!r} in the SavedModel.")
         if tuple(source.shape) != tuple(weight.shape):
@@ -246,6 +255,7 @@ def load_model(path: str | os.PathLike):
                             f"(no {METADATA_PATH}).")
         return load_savedmodel(path)[0]
     if path.suffix in (".keras", ".h5"):
+        register_layers()
         return keras.saving.load_model(str(path), compile=False, safe_mode=True)
     raise SaveError(f"Cannot tell the format of {path}: expected a SavedModel directory, "
                     f"a .keras file or an .h5 file.")
@@ -319,8 +329,6 @@ def verify_reload(model, reloaded, loaded, probe: np.ndarray, atol: float, where
     if loaded is None:
         return diff, None
     import tensorflow as tf
-
-    from tfharness.artifacts import serving
 
     outputs = loaded.signatures["serving_default"](**{serving.INPUT_NAME: tf.constant(probe)})
     served = outputs.get(serving.default_output_name(model), next(iter(outputs.values())))

@@ -24,16 +24,24 @@ from tfharness.config.schema import (
     SOURCE_KINDS,
     STRATEGIES,
     TRACKING_MODES,
+    APPLICATION_OWN_KWARGS,
+    APPLICATION_POOLING,
+    HEAD_POOLING,
     CnnConfig,
+    CsvDataConfig,
     DigitsDataConfig,
     HarnessConfig,
+    KerasApplicationConfig,
+    ImageFolderDataConfig,
     MlflowSourceConfig,
     MlpConfig,
     ModelConfig,
     NpzDataConfig,
     PathSourceConfig,
     SyntheticDataConfig,
+    TfdsDataConfig,
 )
+from tfharness.config.data_checks import check_file_data
 from tfharness.config.targets import TARGET, is_target, options_of
 from tfharness.errors import ConfigError
 
@@ -112,6 +120,8 @@ def _check_data(cfg: HarnessConfig) -> None:
                    "an integer >= 10 (enough for train, validation and test splits)")
         for key in ("num_classes", "finetune_num_classes"):
             _check(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "an integer >= 1")
+    elif isinstance(data, (ImageFolderDataConfig, CsvDataConfig, TfdsDataConfig)):
+        check_file_data(data)
     elif isinstance(data, NpzDataConfig):
         _check(bool(data.path), "data.path", data.path, "the path of an existing .npz file")
         _check((data.finetune_x_key is None) == (data.finetune_y_key is None),
@@ -130,6 +140,13 @@ def _check_model(cfg: HarnessConfig) -> None:
     if isinstance(model, MlpConfig):
         _check(all(u >= 1 for u in model.units), "model.units", model.units,
                "a list of positive layer widths")
+    elif isinstance(model, KerasApplicationConfig):
+        _check(model.pooling in APPLICATION_POOLING, "model.pooling", model.pooling,
+               "one of " + ", ".join(APPLICATION_POOLING))
+        for key in sorted(APPLICATION_OWN_KWARGS & set(model.kwargs)):
+            _check(False, f"model.kwargs.{key}", model.kwargs[key],
+                   "nothing: tfharness sets include_top, input_shape, classes, pooling and "
+                   "weights itself (use model.weights and model.pooling)")
     elif isinstance(model, CnnConfig):
         _check(bool(model.filters) and all(f >= 1 for f in model.filters), "model.filters",
                model.filters, "a non-empty list of positive filter counts")
@@ -179,9 +196,18 @@ def _check_finetune(cfg: HarnessConfig) -> None:
                "an integer >= 1, or null to keep the pretrained output layer")
         _check(ft.head.pop >= 0, "finetune.head.pop", ft.head.pop, "an integer >= 0")
         _check_choice("finetune.head.activation", ft.head.activation, ACTIVATIONS)
+        if ft.head.pooling is not None:
+            _check_choice("finetune.head.pooling", ft.head.pooling, HEAD_POOLING)
+        _check(0.0 <= ft.head.dropout < 1.0, "finetune.head.dropout", ft.head.dropout,
+               "a number in [0, 1)")
+        if ft.head.cut is not None:
+            _check(bool(ft.head.cut.strip()), "finetune.head.cut", ft.head.cut,
+                   "the name of a layer, or null to cut with finetune.head.pop")
     else:
         _check(ft.head.pop == 0, "finetune.head.pop", ft.head.pop,
                "0 when finetune.head.num_classes is null (no new head)")
+        _check(ft.head.cut is None, "finetune.head.cut", ft.head.cut,
+               "null when finetune.head.num_classes is null (no new head)")
     for i, selector in enumerate(ft.freeze):
         check_selector_syntax(f"finetune.freeze[{i}]", selector)
     for s, stage in enumerate(ft.stages):

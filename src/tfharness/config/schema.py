@@ -33,6 +33,11 @@ DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
 ASYNC_BACKENDS = ("harness", "mlflow")
+HEAD_POOLING = ("avg", "max", "flatten")
+APPLICATION_POOLING = ("avg", "max")
+# Keyword arguments of a keras.applications constructor that tfharness decides.
+APPLICATION_OWN_KWARGS = {"include_top", "input_shape", "input_tensor", "classes", "pooling",
+                          "weights", "classifier_activation"}
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SELECTOR_INDEX = re.compile(r"^-?\d+$")
 SELECTOR_SLICE = re.compile(r"^(-?\d*):(-?\d*)$")
@@ -86,6 +91,101 @@ class NpzDataConfig(DataConfig):
     finetune_y_key: Optional[str] = None
 
 
+@dataclass
+class AugmentConfig:
+    """Keras preprocessing layers applied to training batches only (0 or null: layer off)."""
+
+    # horizontal, vertical or horizontal_and_vertical (keras.layers.RandomFlip's modes).
+    flip: Optional[str] = None
+    # Fractions as the layers take them: rotation of a full turn, zoom and translation of the
+    # image size, contrast and brightness of the pixel range.
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+
+
+@dataclass
+class ImageFolderDataConfig(DataConfig):
+    """Folders laid out as ``keras.utils.image_dataset_from_directory`` reads them."""
+
+    _target_: str = "tfharness.data.image_folder.image_folder"
+    name: str = "image_folder"
+    # One sub-folder per class; the sub-folder names are the class names.
+    pretrain_dir: str = MISSING
+    # null: fine-tune on the pretraining folder.
+    finetune_dir: Optional[str] = None
+    # Held-out folders (same layout); null: cut val_fraction / test_fraction off the phase's folder.
+    pretrain_val_dir: Optional[str] = None
+    pretrain_test_dir: Optional[str] = None
+    finetune_val_dir: Optional[str] = None
+    finetune_test_dir: Optional[str] = None
+    image_size: List[int] = field(default_factory=lambda: [128, 128])
+    color_mode: str = "rgb"
+    interpolation: str = "bilinear"
+    # Batches of both phases (streamed data is batched by its reader).
+    batch_size: int = 32
+    # false, true (in memory after the first epoch) or a file path prefix for tf.data's cache.
+    cache: Any = False
+    prefetch: bool = True
+    # Scale pixels by 1/255 inside the model (a Rescaling layer), so it serves raw pixels.
+    # null: yes, unless model=keras_application (which preprocesses raw pixels itself).
+    rescale: Optional[bool] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class CsvDataConfig(DataConfig):
+    _target_: str = "tfharness.data.csv_table.csv"
+    name: str = "csv"
+    path: str = MISSING
+    # null: fine-tune on the same file.
+    finetune_path: Optional[str] = None
+    label_column: str = "label"
+    # null: every other numeric column.
+    feature_columns: Optional[List[str]] = None
+    delimiter: str = ","
+    # A Normalization layer adapted on the training split, first in the model.
+    normalize: bool = True
+
+
+@dataclass
+class TfdsSplitsConfig:
+    train: str = "train[:85%]"
+    val: str = "train[85%:]"
+    test: str = "test"
+
+
+@dataclass
+class TfdsDataConfig(DataConfig):
+    """A TensorFlow Datasets data set (``pip install tfharness[tfds]``)."""
+
+    _target_: str = "tfharness.data.tfds_source.tfds"
+    name: str = "tfds"
+    # A registered name, with a config or version if wanted: "mnist", "cifar10:3.0.2".
+    dataset: str = MISSING
+    data_dir: Optional[str] = None
+    # false: use only data already prepared in data_dir (no network).
+    download: bool = True
+    splits: TfdsSplitsConfig = field(default_factory=TfdsSplitsConfig)
+    # null: the same splits as pretraining.
+    finetune_splits: Optional[TfdsSplitsConfig] = None
+    # Label values each phase keeps, relabelled 0..n-1 (null: every class).
+    pretrain_classes: Optional[List[int]] = None
+    finetune_classes: Optional[List[int]] = None
+    # null: the data set's supervised keys (as_supervised=True).
+    feature_key: Optional[str] = None
+    label_key: Optional[str] = None
+    # Resize images to [height, width] (null: keep the data set's shape).
+    image_size: Optional[List[int]] = None
+    batch_size: int = 32
+    # Scale image pixels by 1/255 inside the model (ignored for non-image features); null: yes,
+    # unless model=keras_application (which preprocesses raw pixels itself).
+    rescale: Optional[bool] = None
+    shuffle_buffer: int = 10000
+
+
 # -------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
@@ -113,6 +213,20 @@ class CnnConfig(ModelConfig):
     filters: List[int] = field(default_factory=lambda: [16, 32])
     kernel_size: int = 3
     dense_units: int = 32
+
+
+@dataclass
+class KerasApplicationConfig(ModelConfig):
+    _target_: str = "tfharness.models.applications.build_keras_application"
+    # Any constructor in keras.applications: MobileNetV2, EfficientNetB0, ResNet50, ...
+    name: str = "MobileNetV2"
+    # imagenet (downloaded once into ~/.keras), null (random initialization) or the path of a
+    # weights file.
+    weights: Optional[str] = "imagenet"
+    # How the backbone's feature map becomes one vector per sample: avg or max.
+    pooling: str = "avg"
+    # Passed to the constructor as they are (alpha=0.35 for MobileNetV2, ...).
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -159,8 +273,17 @@ class SaveFormatConfig:
 # ----------------------------------------------------------------------------------- finetune
 @dataclass
 class HeadConfig:
-    # How many layers to drop from the end of the pretrained model before adding the head.
+    # How many layers to drop from the end of the output path before adding the head (0: the
+    # head goes on top of the model's output).
     pop: int = 1
+    # A top-level layer to hang the head from instead of counting with pop (the usual way to cut
+    # a backbone: "base", "out_relu", ...).
+    cut: Optional[str] = None
+    # When the cut output is a feature map (height, width, channels): avg or max global pooling,
+    # or flatten, before the head.
+    pooling: Optional[str] = None
+    # Dropout before the head's Dense layer (0: none).
+    dropout: float = 0.0
     # null keeps the pretrained model's own output layer (no head swap; pop must then be 0).
     num_classes: Optional[int] = 5
     activation: str = "softmax"
@@ -191,6 +314,12 @@ class FinetuneConfig:
     batch_size: Optional[int] = None
     # When non-empty, stages replace the single stage described by freeze/learning_rate/epochs.
     stages: List[StageConfig] = field(default_factory=list)
+    # Keep every BatchNormalization layer frozen (inference mode, weights fixed) even where its
+    # block is unfrozen, as the Keras guide recommends for fine-tuning a pretrained base.
+    freeze_batchnorm: bool = False
+    # Also train the same fine-tune architecture from random initialization on the same data and
+    # budget, and log transfer/gain = fine-tuned test accuracy minus the from-scratch one.
+    transfer_gain: bool = False
 
     def new_head(self) -> Optional[HeadConfig]:
         """The head to attach, or None when the pretrained output layer is kept."""
@@ -294,8 +423,10 @@ class HarnessConfig:
 
 
 GROUP_SCHEMAS = {
-    "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig},
-    "model": {"mlp": MlpConfig, "cnn": CnnConfig},
+    "data": {"digits": DigitsDataConfig, "synthetic": SyntheticDataConfig, "npz": NpzDataConfig,
+             "image_folder": ImageFolderDataConfig, "csv": CsvDataConfig, "tfds": TfdsDataConfig},
+    "model": {"mlp": MlpConfig, "cnn": CnnConfig,
+              "keras_application": KerasApplicationConfig},
     "trainer": {"base": TrainerConfig},
     "save_format": {"base": SaveFormatConfig},
     "finetune": {"base": FinetuneConfig},
@@ -353,3 +484,20 @@ def flatten(cfg: HarnessConfig) -> Dict[str, str]:
 
     walk("", dataclasses.asdict(cfg))
     return flat
+
+
+def option_config(schema: type, options: Dict[str, Any], key: str) -> Any:
+    """A shipped option's keys, as its factory receives them, typed by its ``schema`` (a user
+    may also name the factory from an option of their own, without the schema)."""
+    from omegaconf.errors import MissingMandatoryValue, ValidationError
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), options)
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{key}.{exc.full_key}", "???", "a value: this option needs it set"
+                          ) from None
+    except (ValidationError, ValueError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(key, sorted(options), f"the keys of {schema.__name__} ({first})"
+                          ) from None

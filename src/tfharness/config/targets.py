@@ -7,7 +7,7 @@ callback) is a mapping with ``_target_: <dotted path>`` and keyword arguments, a
 signature and calls it, turning each way this can fail into one :class:`ConfigError` that names
 the key (``model._target_``, ``trainer.callbacks[0]._target_``), what it got and what is
 expected. Nested ``_target_`` mappings among the arguments are called first, the same way, so a
-builder can take, say, an initializer object. Hydra's ``get_object`` does the importing.
+builder can take, say, an initializer object.
 
 A user's modules import from the current folder, as ``python -m`` would allow: the command
 ``tfharness`` (a script in the environment's ``bin/``) would not otherwise see them.
@@ -16,6 +16,7 @@ A user's modules import from the current folder, as ``python -m`` would allow: t
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 import sys
@@ -57,19 +58,40 @@ def import_current_folder() -> None:
         sys.path.insert(0, cwd)
 
 
+def _import(path: str) -> Any:
+    """The object at a dotted path: the longest importable module, then attributes.
+
+    Hydra's ``get_object`` does the same but logs an error line of its own and, for a missing
+    attribute, reports the path as a module that is "not a package".
+    """
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:end])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module_name + ".").startswith(exc.name + "."):
+                continue  # this prefix is no module: try a shorter one
+            raise  # the module exists, something it imports does not
+        for depth, attribute in enumerate(parts[end:], start=end):
+            if not hasattr(found, attribute):
+                raise AttributeError(f"{'.'.join(parts[:depth])} has no attribute "
+                                     f"'{attribute}'")
+            found = getattr(found, attribute)
+        return found
+    raise ModuleNotFoundError(f"No module named '{parts[0]}'")
+
+
 def resolve(key: str, path: Any) -> Callable:
     """The callable a ``_target_`` names; ``key`` is the option's key (``model``)."""
     if not isinstance(path, str) or not path.strip() or path != path.strip():
         raise ConfigError(f"{key}.{TARGET}", path,
                           "the dotted path of a callable, such as my_models.build")
     import_current_folder()
-    from hydra.utils import get_object
-
     try:
-        target = get_object(path)
-    except Exception as exc:  # noqa: BLE001 - Hydra wraps every import failure differently
-        cause = exc.__cause__ or exc
-        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        target = _import(path)
+    except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{key}.{TARGET}", path,
                           f"an importable dotted path to a callable (importing it failed: "
                           f"{reason}; modules import from the current folder "

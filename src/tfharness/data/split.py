@@ -11,8 +11,11 @@ it, fine-tuning uses the pretraining data). Each phase is one of:
   phase by ``data.seed + 1``);
 - a mapping with ``"train"`` and, optionally, ``"val"`` and ``"test"`` (missing or None: no
   validation, no test metrics), each ``(x, y)`` arrays or a ``tf.data.Dataset`` that yields
-  ``(x, y)`` batches; optional ``"num_classes"`` (else counted from the labels) and
-  ``"class_names"``;
+  ``(x, y)`` batches; optional ``"num_classes"`` (else counted from the labels),
+  ``"class_names"``, ``"mlflow_datasets"`` (how each part is recorded in MLflow, see
+  :mod:`tfharness.data.records`; else the harness describes it) and ``"preprocessing"`` (a
+  callable returning Keras layers to put in front of a model built for this data, such as a
+  ``Normalization`` adapted on the training part);
 - a :class:`Split` (what a source that builds its parts itself may return).
 
 Inside the pipeline each phase is a :class:`Split`, whose ``train``/``val``/``test`` parts are
@@ -31,7 +34,7 @@ Nothing here imports TensorFlow: data errors surface before it loads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -42,6 +45,8 @@ Arrays = Tuple[np.ndarray, np.ndarray]
 Part = Union[Arrays, Any]
 PHASES = ("pretrain", "finetune")
 PARTS = ("train", "val", "test")
+# What a phase mapping may carry beside its parts.
+EXTRAS = ("num_classes", "class_names", "mlflow_datasets", "preprocessing")
 
 
 @dataclass
@@ -54,6 +59,11 @@ class Split:
         test: the same kinds, or None (no test metrics).
         num_classes: how many classes the labels index (the model's output width).
         class_names: a name per class index, when the source knows them.
+        mlflow_datasets: per part, the MLflow dataset that records it (a
+            :class:`~tfharness.data.records.DatasetRecord` or its dict), when the source
+            describes its parts itself.
+        preprocessing: a callable returning the Keras layers a model built from scratch for
+            this data starts with (so the served model takes raw inputs), or None.
     """
 
     train: Part
@@ -61,6 +71,8 @@ class Split:
     test: Optional[Part]
     num_classes: int
     class_names: Optional[list] = None
+    mlflow_datasets: Optional[Dict[str, Any]] = None
+    preprocessing: Optional[Callable[[], list]] = None
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -219,10 +231,11 @@ def phase_split(value: Any, key: str, phase: str, *, val_fraction: float, test_f
 
 
 def _split_of_parts(value: Mapping, key: str, phase: str) -> Split:
-    unknown = sorted(set(value) - {*PARTS, "num_classes", "class_names"})
+    unknown = sorted(set(value) - {*PARTS, *EXTRAS})
     if unknown or "train" not in value:
         raise DataError(key, f"{phase}: a mapping with keys {sorted(value)}",
-                        "'train' and optionally 'val', 'test', 'num_classes', 'class_names'")
+                        "'train' and optionally 'val', 'test', " + ", ".join(
+                            f"'{k}'" for k in EXTRAS))
     parts = {}
     for name in PARTS:
         part = value.get(name)
@@ -240,5 +253,10 @@ def _split_of_parts(value: Mapping, key: str, phase: str) -> Split:
                             f"one name per class ({num_classes})")
     if int(num_classes) < 1:
         raise DataError(key, f"{phase}.num_classes: {num_classes}", "an integer >= 1")
+    preprocessing = value.get("preprocessing")
+    if preprocessing is not None and not callable(preprocessing):
+        raise DataError(key, f"{phase}.preprocessing: {type(preprocessing).__name__}",
+                        "a callable that returns a list of Keras layers")
     return Split(train=parts["train"], val=parts["val"], test=parts["test"],
-                 num_classes=int(num_classes), class_names=class_names)
+                 num_classes=int(num_classes), class_names=class_names,
+                 mlflow_datasets=value.get("mlflow_datasets"), preprocessing=preprocessing)

@@ -1,14 +1,20 @@
-"""Fine-tuning: new heads, freeze selectors, stages, and the frozen-weights proof (``transfer``)."""
+"""Fine-tuning: head surgery on the graph (``surgery``), the layer tree and its freeze selectors
+(``layertree``), stages and the frozen-weights proof (``transfer``)."""
 
-from tfharness.finetune.transfer import (  # noqa: F401
+from tfharness.finetune.layertree import (  # noqa: F401
     BASE_SELECTOR,
-    HEAD_NAME,
+    LayerNode,
+    leaves,
+    resolve_selectors,
+    visible_layers,
+    walk,
+)
+from tfharness.finetune.surgery import HEAD_NAME, attach_head, check_single_io  # noqa: F401
+from tfharness.finetune.transfer import (  # noqa: F401
     StageReport,
     apply_freeze,
-    attach_head,
-    head_layer_name,
-    planned_layers,
-    resolve_selectors,
+    plan,
+    prepare,
     snapshot,
     stage_key,
     stage_report,

@@ -1,30 +1,26 @@
-"""Fine-tuning: new heads, freeze selectors, stages, and the proof that frozen layers stayed put.
+"""Fine-tuning: stages, freezing, and the proof that frozen layers stayed put.
 
-Follows the Keras transfer-learning guide: freezing sets ``layer.trainable = False`` and is
-followed by a fresh ``compile()`` (changing ``trainable`` has no effect until then), and a frozen
-BatchNormalization layer runs in inference mode, so its moving statistics stay fixed too; the
-weight check after each stage covers them.
+The head surgery is in :mod:`tfharness.surgery`, the layer tree and its selectors in
+:mod:`tfharness.layertree`. Follows the Keras transfer-learning guide: freezing sets
+``layer.trainable = False`` and is followed by a fresh ``compile()`` (changing ``trainable`` has
+no effect until then), and a frozen BatchNormalization layer runs in inference mode, so its
+moving statistics stay fixed too; the weight check after each stage covers them, for every layer
+of every nested model.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from tfharness.config import (
-    SELECTOR_INDEX,
-    SELECTOR_SLICE,
-    FinetuneConfig,
-    HeadConfig,
-    StageConfig,
-)
-from tfharness.errors import ConfigError, VerificationError
+from tfharness.finetune import layertree, surgery
+from tfharness.config import FinetuneConfig, StageConfig
+from tfharness.errors import VerificationError
 
-BASE_SELECTOR = "@base"
-HEAD_NAME = "head"
+attach_head = surgery.attach_head
+resolve_selectors = layertree.resolve_selectors
 
 
 def stages_of(cfg: FinetuneConfig) -> List[StageConfig]:
@@ -40,72 +36,54 @@ def stage_key(cfg: FinetuneConfig, index: int) -> str:
     return f"finetune.stages[{index}].freeze" if cfg.stages else "finetune.freeze"
 
 
-def head_layer_name(base_names: Sequence[str]) -> str:
-    name, n = HEAD_NAME, 1
-    while name in base_names:
-        name, n = f"{HEAD_NAME}_{n}", n + 1
-    return name
-
-
-def planned_layers(base_names: Sequence[str], head: Optional[HeadConfig]) -> List[str]:
-    """The layer names the fine-tune model will have, known before anything is trained."""
+def prepare(model, cfg: FinetuneConfig) -> Tuple[object, List[str]]:
+    """The fine-tune model (the new head attached, or ``model`` itself) and the head's names."""
+    head = cfg.new_head()
     if head is None:
-        return list(base_names)
-    if head.pop >= len(base_names):
-        raise ConfigError("finetune.head.pop", head.pop,
-                          f"fewer than the model's {len(base_names)} layers "
-                          f"({', '.join(base_names)})")
-    kept = list(base_names[:len(base_names) - head.pop])
-    return kept + [head_layer_name(kept)]
+        return model, []
+    return surgery.attach_head(model, head)
 
 
-def resolve_selectors(selectors: Sequence[str], names: Sequence[str], base_count: int,
-                      key: str) -> Set[int]:
-    """Layer indices that the selectors pick out of ``names``.
+def plan(model, cfg: FinetuneConfig) -> List[Set[str]]:
+    """Everything a fine-tune needs to know about ``model``, checked before any run opens.
 
-    Each selector must match at least one layer; otherwise :class:`ConfigError` lists the layers.
+    Attaches the head to a throwaway model (so the cut, the pooling and the head are checked)
+    and resolves each stage's selectors on it. Returns the frozen layer paths of each stage.
     """
-    chosen: Set[int] = set()
-    listing = ", ".join(f"{i}:{n}" for i, n in enumerate(names))
-    for position, raw in enumerate(selectors):
-        selector = str(raw).strip()
-        matched: List[int]
-        if selector == BASE_SELECTOR:
-            matched = list(range(base_count))
-        elif SELECTOR_INDEX.match(selector):
-            index = int(selector)
-            matched = [index % len(names)] if -len(names) <= index < len(names) else []
-        elif SELECTOR_SLICE.match(selector):
-            start, stop = (int(p) if p else None for p in selector.split(":"))
-            matched = list(range(len(names)))[start:stop]
-        else:
-            matched = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, selector)]
-        if not matched:
-            raise ConfigError(f"{key}[{position}]", selector,
-                              f"a selector matching at least one layer of {listing}")
-        chosen.update(matched)
-    return chosen
+    tuned, head_names = prepare(model, cfg)
+    return [layertree.resolve_selectors(stage.freeze, tuned, head_names, stage_key(cfg, index))
+            for index, stage in enumerate(stages_of(cfg))]
 
 
-def attach_head(model, head: HeadConfig):
-    """A new model sharing the pretrained layers, minus the last ``head.pop``, plus a Dense head."""
+def _is_batchnorm(layer) -> bool:
     import keras
 
-    kept = model.layers[:len(model.layers) - head.pop]
-    name = head_layer_name([layer.name for layer in kept])
-    new_head = keras.layers.Dense(head.num_classes, activation=head.activation, name=name)
-    inputs = keras.Input(shape=model.input_shape[1:], name="features")
-    return keras.Sequential([inputs, *kept, new_head], name=f"{model.name}_finetuned")
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def apply_freeze(model, frozen: Set[int]) -> None:
-    for index, layer in enumerate(model.layers):
-        layer.trainable = index not in frozen
+def apply_freeze(model, frozen: Set[str], freeze_batchnorm: bool = False) -> None:
+    """Sets ``trainable`` on every layer of the tree from the frozen paths.
+
+    A frozen nested model freezes everything inside it (Keras propagates the flag down). With
+    ``freeze_batchnorm`` every BatchNormalization layer stays frozen, in inference mode, even
+    where its block trains: the Keras guide's advice for fine-tuning a pretrained base.
+    """
+    def visit(container, prefix: str) -> None:
+        for layer in layertree.visible_layers(container):
+            path = prefix + layer.name
+            layer.trainable = path not in frozen
+            if layer.trainable and layertree.is_nested(layer):
+                visit(layer, path + "/")
+            if freeze_batchnorm and _is_batchnorm(layer):
+                layer.trainable = False
+
+    visit(model, "")
 
 
 def snapshot(model) -> List[List[np.ndarray]]:
-    """Copies of every layer's weights, trainable and not (BatchNorm statistics included)."""
-    return [[np.array(w) for w in layer.get_weights()] for layer in model.layers]
+    """Copies of the weights of every layer of the tree, nested ones included, trainable and not
+    (BatchNorm statistics included), in :func:`layertree.leaves` order."""
+    return [[np.array(w) for w in node.layer.get_weights()] for node in layertree.leaves(model)]
 
 
 def _relative_change(before: List[np.ndarray], after: List[np.ndarray]) -> Optional[float]:
@@ -142,28 +120,31 @@ class StageReport:
     frozen_weight_change_max: float = 0.0
 
 
-def stage_report(model, stage: str, frozen: Set[int], before, after) -> StageReport:
-    """Builds the per-layer rows and raises if any frozen layer's weights moved."""
+def stage_report(model, stage: str, before, after) -> StageReport:
+    """Builds one row per layer of the tree, nested ones by path, and raises if any frozen
+    layer's weights moved (a layer is frozen when it, or a nested model around it, is)."""
     report = StageReport(stage=stage, trainable_params=_param_count(model.trainable_weights),
                          frozen_params=_param_count(model.non_trainable_weights))
     moved = []
-    for index, layer in enumerate(model.layers):
-        change = _relative_change(before[index], after[index])
-        if index in frozen:
-            worst = _max_change(before[index], after[index])
+    for node, old, new in zip(layertree.leaves(model), before, after):
+        layer, trainable = node.layer, node.effectively_trainable
+        if not trainable:
+            worst = _max_change(old, new)
             report.frozen_weight_change_max = max(report.frozen_weight_change_max, worst)
             if worst != 0.0:
-                moved.append(f"{layer.name} (max abs change {worst:.3g})")
+                moved.append(f"{node.path} (max abs change {worst:.3g})")
+        total = _param_count(layer.weights)
+        trained = _param_count(layer.trainable_weights) if trainable else 0
         report.rows.append({
             "stage": stage,
-            "index": index,
-            "layer": layer.name,
+            "index": node.index,
+            "layer": node.path,
             "class": type(layer).__name__,
-            "trainable": bool(layer.trainable),
-            "trainable_params": _param_count(layer.trainable_weights),
-            "non_trainable_params": _param_count(layer.non_trainable_weights),
+            "trainable": trainable,
+            "trainable_params": trained,
+            "non_trainable_params": total - trained,
             "output_shape": _output_shape(layer),
-            "relative_weight_change": change,
+            "relative_weight_change": _relative_change(old, new),
         })
     if moved:
         raise VerificationError(f"Frozen layers changed during fine-tune stage '{stage}': "

@@ -59,5 +59,9 @@ class RunContext:
     # Lineage tags of the source, also set on each logged model.
     lineage: Dict[str, str] = field(default_factory=dict)
     run_name: str = ""
+    # What the run records about its data (tfharness.data.records.DataDescription).
+    description: Any = None
+    # How long loading the data took (data/load_seconds).
+    data_seconds: float = 0.0
     ckpt: Any = None  # tfharness.artifacts.checkpoint.RunCheckpoints
     result: RunResult = field(default_factory=lambda: RunResult(run_id=None))

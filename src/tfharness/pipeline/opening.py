@@ -11,7 +11,10 @@ from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import flatten
 from tfharness.config.targets import option_name
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
+from tfharness.tracking import naming
+from tfharness.tracking import record as run_record
 
 log = logging.getLogger("tfharness")
 
@@ -20,7 +23,8 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     """Starts (or, resuming, reopens) the MLflow run with the config as params."""
     cfg, source = ctx.cfg, ctx.source
     data_name, model_name = option_name(cfg.data), option_name(cfg.model)
-    ctx.run_name = cfg.tracking.run_name or ",".join(ctx.overrides) or f"{data_name}-{model_name}"
+    ctx.run_name = cfg.tracking.run_name or naming.run_name(
+        ctx.overrides, fallback=f"{data_name}-{model_name}")
     # With a source, the model group played no part: the tag says what the model came from.
     model_tag = model_name if source is None else f"source:{source.kind}"
     tags = tracking.run_tags(data_name, model_tag, {
@@ -32,7 +36,10 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     if parent_run_id:
         # MLflow's UI nests a run under the run this tag names.
         tags["mlflow.parentRunId"] = parent_run_id
-    params = flatten(cfg)
+    # Params: what defines the model and its training; the folders go to tags, the rest of the
+    # operational settings are in the config.yaml artifact.
+    params, operational = run_record.split_params(flatten(cfg))
+    tags.update(operational)
     if source is not None:
         ctx.lineage = sources_lib.lineage_tags(source)
         tags.update(ctx.lineage)
@@ -42,6 +49,7 @@ def open_run(ctx: RunContext, parent_run_id: Optional[str], extra_tags: Dict[str
     tracker.start(ctx.run_name, params, tags,
                   resume_run_id=resumed.run_id if same_store and tracker.run_id is None
                   and cfg.tracking.name != "off" else None)
+    data_record.log_data(ctx)
 
 
 def end_abandoned_runs(ctx: RunContext) -> None:

@@ -23,7 +23,7 @@ from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.artifacts import serialization
 from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError
-from tfharness.pipeline import distribute
+from tfharness.pipeline import data_record, distribute
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.roundtrip import probe_batch
 
@@ -81,7 +81,9 @@ def import_tensorflow_meanwhile() -> Optional[threading.Thread]:
 def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequence[str],
             resolved_yaml: Optional[str], importer: Optional[threading.Thread]) -> RunContext:
     """Loads the data, builds or loads the model and plans the fine-tuning; opens no run."""
-    bundle = data_lib.load_data(cfg.data, importer.join if importer is not None else None)
+    data_record.resolve_auto_keys(cfg)
+    bundle, description, data_seconds = data_record.load(cfg, lambda: data_lib.load_data(
+        cfg.data, importer.join if importer is not None else None))
     if cfg.source.name == "scratch":
         check_classes(cfg, bundle)
     probe = probe_batch(bundle.pretrain, cfg.save_format.verify_batch_size)
@@ -94,9 +96,11 @@ def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequ
     check_training_parts(cfg)
     model, source = build_or_load(cfg, bundle, strategy, probe)
     return RunContext(cfg=cfg, tracker=tracker, data=bundle, probe=probe, strategy=strategy,
-                      model=model, source=source, frozen_by_stage=plan_freezes(cfg, model),
+                      model=model, source=source,
+                      frozen_by_stage=plan_freezes(cfg, model, source),
                       config_hash=cfg_hash, resumed=resumed, overrides=list(overrides),
-                      resolved_yaml=resolved_yaml)
+                      resolved_yaml=resolved_yaml, description=description,
+                      data_seconds=data_seconds)
 
 
 def check_training_parts(cfg: HarnessConfig) -> None:
@@ -183,8 +187,10 @@ def build_or_load(cfg: HarnessConfig, bundle: data_lib.DataBundle, strategy, pro
     """The model to start from and the loaded source (None when built from scratch)."""
     if cfg.source.name == "scratch":
         with strategy.scope():
-            return model_lib.build_model(cfg.model, bundle.input_shape,
-                                         bundle.pretrain.num_classes), None
+            model = model_lib.build_model(cfg.model, bundle.input_shape,
+                                          bundle.pretrain.num_classes)
+            # The data's own preprocessing (normalization, pixel scaling) goes inside the model.
+            return data_record.with_preprocessing(model, bundle.pretrain), None
     # Loaded, checked and verified before any run is opened: a bad source leaves no run.
     # Outside the strategy's scope, like every reload (see make_strategy).
     source = sources_lib.load_source(
@@ -199,26 +205,28 @@ def check_source_fits(cfg: HarnessConfig, source: sources_lib.LoadedSource) -> N
     """What a loaded source rules out, checked before a run is opened."""
     if source.kind == sources_lib.OPAQUE_SAVEDMODEL:
         head = cfg.finetune.new_head() if cfg.finetune.enabled else None
-        if head is not None and head.pop != 0:
+        if head is not None and head.pop != 0 and head.cut is None:
             raise ConfigError("finetune.head.pop", head.pop,
                               "0 for a SavedModel without Keras metadata: it loads as one opaque "
                               "block, so the new head goes on top of its output")
+        if cfg.finetune.enabled and cfg.finetune.transfer_gain:
+            raise ConfigError("finetune.transfer_gain", True,
+                              "false for a SavedModel without Keras metadata: its opaque block "
+                              "cannot be rebuilt from random initialization")
         if cfg.save_format.name != "savedmodel":
             raise ConfigError("save_format", cfg.save_format.name,
                               "savedmodel for a source loaded as an opaque SavedModel block "
                               "(only a SavedModel can carry the block's graph)")
 
 
-def plan_freezes(cfg: HarnessConfig, model) -> List[set]:
-    """The layers each fine-tune stage freezes; a selector that matches nothing is an error."""
-    frozen_by_stage: List[set] = []
-    if not cfg.finetune.enabled:
-        return frozen_by_stage
-    base_names = model_lib.layer_names(model)
-    head = cfg.finetune.new_head()
-    planned = ft_lib.planned_layers(base_names, head)
-    base_count = len(base_names) - (head.pop if head else 0)
-    for index, stage in enumerate(ft_lib.stages_of(cfg.finetune)):
-        frozen_by_stage.append(ft_lib.resolve_selectors(
-            stage.freeze, planned, base_count, ft_lib.stage_key(cfg.finetune, index)))
-    return frozen_by_stage
+def plan_freezes(cfg: HarnessConfig, model, source=None) -> List[set]:
+    """The layers each fine-tune stage freezes, checked on the model as it will be fine-tuned.
+
+    Also checks that the model has one input and one output and that the head can be attached
+    (the cut exists and everything after it hangs from it; a feature map gets pooling); a
+    selector that matches nothing is an error listing the layers it could match.
+    """
+    ft_lib.check_single_io(model, *(("model", cfg.model.name) if source is None else
+                                    (sources_lib.source_key(cfg.source),
+                                     source.artifact.location)))
+    return ft_lib.plan(model, cfg.finetune) if cfg.finetune.enabled else []

@@ -15,9 +15,12 @@ from tfharness import tracking
 from tfharness.artifacts import integrity, serialization
 from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError, HarnessError
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
-from tfharness.pipeline.roundtrip import probe_batch
+from tfharness.pipeline.roundtrip import model_step, probe_batch
+from tfharness.pipeline import train
 from tfharness.pipeline.train import evaluate
+from tfharness.tracking import record as run_record
 
 log = logging.getLogger("tfharness")
 
@@ -65,7 +68,7 @@ def layer_report(ctx: RunContext, final_model) -> None:
     report_file = Path(ctx.cfg.output_dir) / REPORT_MARKDOWN
     if not ctx.ckpt.done("report"):
         markdown = (tracking.markdown_table(result.report)
-                    + sources_lib.block_report(final_model))
+                    + sources_lib.block_report(final_model) + data_record.classes_markdown(ctx))
         serialization.atomic_write(report_file, lambda tmp: tmp.write_text(markdown))
         texts = {**ctx.ckpt.state.values.get("texts", {}), REPORT_MARKDOWN: markdown}
         ctx.ckpt.complete("report", texts=texts, report_rows=result.report)
@@ -84,6 +87,18 @@ def test_metrics(ctx: RunContext, final_model, final_split) -> None:
     ctx.tracker.log_metrics(test)
 
 
+def transfer_gain(ctx: RunContext, final_model, final_split) -> None:
+    """``finetune.transfer_gain``: the from-scratch baseline and ``transfer/gain``, once."""
+    ft = ctx.cfg.finetune
+    if not (ft.enabled and ft.transfer_gain) or ctx.ckpt.done("transfer"):
+        return
+    accuracy = next((value for key, value, _ in reversed(ctx.ckpt.state.metrics)
+                     if key == "test/accuracy"), float("nan"))
+    measured = train.transfer_gain(ctx, final_model, final_split, accuracy)
+    ctx.ckpt.complete("transfer", measured, 0)
+    ctx.tracker.log_metrics(measured)
+
+
 def gather_results(ctx: RunContext) -> None:
     """Fills ``result.metrics`` with what earlier processes of a resumed run measured.
 
@@ -91,11 +106,12 @@ def gather_results(ctx: RunContext) -> None:
     epoch's, for sweeps). Values this process measured are kept.
     """
     result = ctx.result
-    stems = {0: "pretrained", 1: "finetuned"}
     latest: Dict[str, tuple] = {}
     for key, value, step in ctx.ckpt.state.metrics:
         if key.startswith("reload/"):
-            result.metrics.setdefault(f"{key}@{stems.get(step, step)}", value)
+            # Logged as reload/<stem>/<figure>; results name it reload/<figure>@<stem>.
+            _, stem, figure = key.split("/", 2)
+            result.metrics.setdefault(f"reload/{figure}@{stem}", value)
         elif key not in latest or step >= latest[key][0]:
             latest[key] = (step, value)
     for key, (_, value) in latest.items():
@@ -137,18 +153,22 @@ def deliver_missing(ctx: RunContext) -> None:
                 split = ctx.data.finetune if stem == "finetuned" else ctx.data.pretrain
                 probe = probe_batch(split, cfg.save_format.verify_batch_size)
                 digest = state.values.get("digests", {}).get(stem)
+                extra = {"sha256": integrity.record_path(Path(path))} if digest else {}
+                classes = data_record.class_names_file(ctx, stem)
+                if classes is not None:
+                    extra["class_names"] = classes
                 tracker.log_model(
                     serialization.load_model(path), stem, probe[:5], Path(path),
-                    tags={sources_lib.SHA256_TAG: digest} if digest else None,
-                    extra_artifacts={"sha256": integrity.record_path(Path(path))}
-                    if digest else None)
+                    tags={**({sources_lib.SHA256_TAG: digest} if digest else {}),
+                          **run_record.model_tags()},
+                    extra_artifacts=extra or None, step=model_step(cfg, stem, ctx.source))
     if missing:
         log.info("resumed run: delivered %d metric points the interrupted process had not",
                  len(missing))
 
 
 def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[str],
-                 cfg: HarnessConfig) -> None:
+                 cfg: HarnessConfig, classes: str = "") -> None:
     """The trainable-layer table and every result, printed at the end of a run."""
     from rich.console import Console
     from rich.table import Table
@@ -164,6 +184,8 @@ def print_report(rows: List[Dict], metrics: Dict[str, float], run_id: Optional[s
         for row in rows:
             table.add_row(*(tracking.format_cell(row[c]) for c in row))
         console.print(table)
+    if classes:
+        console.print(classes.strip())
     summary = Table(title="Results")
     summary.add_column("metric")
     summary.add_column("value", justify="right")

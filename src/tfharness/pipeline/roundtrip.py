@@ -10,7 +10,9 @@ import numpy as np
 from tfharness import data as data_lib
 from tfharness import sources as sources_lib
 from tfharness.artifacts import inmemory, integrity, serialization, serving
+from tfharness.pipeline import data_record
 from tfharness.pipeline.context import RunContext
+from tfharness.tracking import record as run_record
 
 log = logging.getLogger("tfharness")
 
@@ -20,10 +22,27 @@ def probe_batch(split, size: int) -> np.ndarray:
     return data_lib.probe_features(split, size)
 
 
+def model_step(cfg, stem: str, source) -> int:
+    """The epoch a model was produced at, on one axis: pretraining, then every fine-tune stage.
+
+    It is the step MLflow records the logged model at, and MLflow links the run's metrics at
+    that step to the model when it is logged: no metric is at that step yet, so the model
+    carries only the figures linked to it on purpose (``pipeline/outcome.py``).
+    """
+    from tfharness import finetune as ft_lib
+
+    pretrain = cfg.trainer.epochs if source is None else 0
+    if stem == "pretrained":
+        return pretrain
+    return pretrain + sum(stage.epochs for stage in ft_lib.stages_of(cfg.finetune))
+
+
 def round_trip(ctx: RunContext, model, stem: str, step: int, probe: np.ndarray):
     """Save, reload, verify; record the measurements; log the model. Returns the reload.
 
-    A resumed run that did this already loads the verified artifact instead.
+    The measurements are one-off figures, logged once as ``reload/<stem>/<figure>``; ``step`` is
+    the epoch the model was produced at (:func:`model_step`), the step MLflow records the logged
+    model at. A resumed run that did this already loads the verified artifact instead.
     """
     if ctx.ckpt.done(f"saved:{stem}"):
         return _already_saved(ctx, stem)
@@ -59,9 +78,14 @@ def round_trip(ctx: RunContext, model, stem: str, step: int, probe: np.ndarray):
     ctx.tracker.set_tags({f"tfharness.sha256.{stem}": record.sha256})
     ctx.result.digests[stem] = record.sha256
     if cfg.tracking.log_models:
+        extra = {"sha256": integrity.record_path(trip.path)}
+        classes = data_record.class_names_file(ctx, stem)
+        if classes is not None:
+            extra["class_names"] = classes
         ctx.tracker.log_model(model, stem, probe[:5], trip.path,
-                              tags={sources_lib.SHA256_TAG: record.sha256, **ctx.lineage},
-                              extra_artifacts={"sha256": integrity.record_path(trip.path)})
+                              tags={sources_lib.SHA256_TAG: record.sha256, **ctx.lineage,
+                                    **run_record.model_tags()},
+                              extra_artifacts=extra, step=step)
     return trip.model
 
 
@@ -97,6 +121,7 @@ def _keep(ctx: RunContext, trip, stem: str, measured: dict, step: int):
     models = {**ckpt.state.values.get("models", {}), stem: str(path)}
     digests = {**ckpt.state.values.get("digests", {}),
                **({stem: record.sha256} if record else {})}
-    ckpt.complete(f"saved:{stem}", measured, step, models=models, digests=digests)
-    ctx.tracker.log_metrics(measured, step=step)
+    logged = {f"reload/{stem}/{k.split('/', 1)[1]}": v for k, v in measured.items()}
+    ckpt.complete(f"saved:{stem}", logged, 0, models=models, digests=digests)
+    ctx.tracker.log_metrics(logged)
     return record

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.config import HarnessConfig, to_typed, validate
-from tfharness.pipeline import opening, prepare, record, roundtrip, train
+from tfharness.pipeline import data_record, opening, outcome, prepare, record, roundtrip, train
 from tfharness.pipeline.context import RunContext, RunResult
 from tfharness.pipeline.ending import run_ending
 
@@ -62,6 +62,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
         with ckpt_lib.interrupt_on_signals():
             final_model, final_split = _phases(ctx)
             record.test_metrics(ctx, final_model, final_split)
+            record.transfer_gain(ctx, final_model, final_split)
             record.gather_results(ctx)
             if require_objective:
                 ctx.result.objective = record.objective(cfg, ctx.result.metrics)
@@ -69,11 +70,13 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
             if cfg.tracking.register:
                 tracker.register_model("finetuned" if cfg.finetune.enabled else "pretrained",
                                        cfg.tracking.register)
+            outcome.record_outcome(ctx)
     result = ctx.result
     result.model_uris.update(tracker.model_uris)
     result.registered_versions.update(tracker.registered_versions)
     if cfg.print_report:
-        record.print_report(result.report, result.metrics, result.run_id, cfg)
+        record.print_report(result.report, result.metrics, result.run_id, cfg,
+                            data_record.classes_markdown(ctx))
     return result
 
 
@@ -89,11 +92,13 @@ def _phases(ctx: RunContext):
         train.pretrain(ctx)
     # With a source, this saves the loaded model in tfharness' format and reloads it, so
     # fine-tuning starts from a verified model exactly as it does after pretraining.
-    reloaded = roundtrip.round_trip(ctx, ctx.model, "pretrained", 0, ctx.probe)
+    step = roundtrip.model_step(ctx.cfg, "pretrained", ctx.source)
+    reloaded = roundtrip.round_trip(ctx, ctx.model, "pretrained", step, ctx.probe)
     if not ctx.cfg.finetune.enabled:
         return reloaded, ctx.data.pretrain
     tuned = train.finetune(ctx, reloaded)
     probe = roundtrip.probe_batch(ctx.data.finetune, ctx.cfg.save_format.verify_batch_size)
-    final_model = roundtrip.round_trip(ctx, tuned, "finetuned", 1, probe)
+    step = roundtrip.model_step(ctx.cfg, "finetuned", ctx.source)
+    final_model = roundtrip.round_trip(ctx, tuned, "finetuned", step, probe)
     record.layer_report(ctx, final_model)
     return final_model, ctx.data.finetune

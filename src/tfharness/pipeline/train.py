@@ -144,8 +144,9 @@ def pretrain(ctx: RunContext) -> None:
     pretrain_test = evaluate(cfg, model, split)
     measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
                 **{f"pretrain/{k}": v for k, v in fitted.speed.items()}}
-    ckpt.complete("pretrain-test", measured, trainer.epochs)
-    tracker.log_metrics(measured, step=trainer.epochs)
+    # One-off figures of pretraining: one point each, not a point on the epoch axis.
+    ckpt.complete("pretrain-test", measured, 0)
+    tracker.log_metrics(measured)
     ctx.result.metrics.update(measured)
     log.info("pretrain: %d epochs, test accuracy %.4f", trainer.epochs,
              pretrain_test.get("accuracy", float("nan")))
@@ -169,7 +170,6 @@ def finetune(ctx: RunContext, pretrained):
 
 def _finetune_stages(ctx: RunContext, pretrained) -> tuple:
     cfg, ckpt = ctx.cfg, ctx.ckpt
-    head = cfg.finetune.new_head()
     # Reseeded so the new head starts from the same weights whether or not this process also
     # pretrained (a resumed run may start here).
     import keras
@@ -177,7 +177,7 @@ def _finetune_stages(ctx: RunContext, pretrained) -> tuple:
     keras.utils.set_random_seed(cfg.trainer.seed + 1)
     with ctx.strategy.scope():
         pretrained = distribute.into_scope(pretrained, ctx.strategy)
-        model = ft_lib.attach_head(pretrained, head) if head else pretrained
+        model, _ = ft_lib.prepare(pretrained, cfg.finetune)
     reports: List[ft_lib.StageReport] = []
     totals = {"last_epoch": {}, "epochs_done": 0, "seconds": 0.0, "samples": 0}
     # Variables frozen inside an opaque SavedModel block (source.freeze_variables): the layer
@@ -193,12 +193,26 @@ def _finetune_stages(ctx: RunContext, pretrained) -> tuple:
         ckpt.load_newest_weights(model)
     speed = {"finetune/train_seconds": seconds,
              "finetune/samples_per_second": totals["samples"] / seconds} if seconds else {}
+    if len(reports) > 1 and not ckpt.done("finetune-summary"):
+        # Several stages: the largest change of any frozen weight, one figure to compare runs on.
+        summary = {"finetune/frozen_weight_change_max":
+                   max(r.frozen_weight_change_max for r in reports)}
+        ckpt.complete("finetune-summary", summary, 0)
+        ctx.tracker.log_metrics(summary)
     if frozen_variables:
         change = sources_lib.check_frozen_block_variables(frozen_variables, model)
         speed["finetune/frozen_variable_change_max"] = change
         ctx.tracker.log_metrics({"finetune/frozen_variable_change_max": change})
     speed.update({f"finetune/{k}": v for k, v in totals["last_epoch"].items()})
     return model, reports, speed
+
+
+def stage_prefix(cfg: HarnessConfig, index: int, name: str) -> str:
+    """``finetune`` for a single stage, ``finetune/<stage name>`` for each of several."""
+    if not cfg.finetune.stages:
+        return "finetune"
+    safe = "".join(c if c.isalnum() or c in "_-. " else "_" for c in name) or str(index)
+    return f"finetune/{safe}"
 
 
 def _finetune_stage(ctx: RunContext, model, index: int, stage, frozen: set,
@@ -208,7 +222,7 @@ def _finetune_stage(ctx: RunContext, model, index: int, stage, frozen: set,
     phase, milestone = f"finetune/{index}", f"finetune-stage:{index}"
     if ckpt.done(milestone):
         return ft_lib.StageReport(**ckpt.state.values[milestone])
-    ft_lib.apply_freeze(model, frozen)
+    ft_lib.apply_freeze(model, frozen, ft.freeze_batchnorm)
     # A new compile is what makes the trainable flags above take effect.
     with ctx.strategy.scope():
         compile_for(cfg, model, ft.optimizer or cfg.trainer.optimizer, stage.learning_rate,
@@ -227,16 +241,61 @@ def _finetune_stage(ctx: RunContext, model, index: int, stage, frozen: set,
     totals["last_epoch"] = fitted.last_epoch or totals["last_epoch"]
     totals["seconds"] += fitted.speed.get("train_seconds", 0.0)
     totals["samples"] += fitted.samples
-    report = ft_lib.stage_report(model, stage.name, frozen, before, ft_lib.snapshot(model))
+    report = ft_lib.stage_report(model, stage.name, before, ft_lib.snapshot(model))
+    prefix = stage_prefix(cfg, index, stage.name)
     measured = {
-        "finetune/trainable_params": report.trainable_params,
-        "finetune/frozen_params": report.frozen_params,
-        "finetune/frozen_weight_change_max": report.frozen_weight_change_max,
-        **{f"finetune/{k}": v for k, v in fitted.speed.items()},
+        f"{prefix}/trainable_params": report.trainable_params,
+        f"{prefix}/frozen_params": report.frozen_params,
+        f"{prefix}/frozen_weight_change_max": report.frozen_weight_change_max,
+        **{f"{prefix}/{k}": v for k, v in fitted.speed.items()},
     }
-    ckpt.complete(milestone, measured, index, **{milestone: dataclasses.asdict(report)})
-    ctx.tracker.log_metrics(measured, step=index)
+    # One-off figures of the stage: one point each, under the stage's name.
+    ckpt.complete(milestone, measured, 0, **{milestone: dataclasses.asdict(report)})
+    ctx.tracker.log_metrics(measured)
     log.info("finetune stage '%s': %d epochs at lr %g, %d trainable / %d frozen params, "
              "frozen weight change %g", stage.name, stage.epochs, stage.learning_rate,
              report.trainable_params, report.frozen_params, report.frozen_weight_change_max)
     return report
+
+
+def transfer_gain(ctx: RunContext, tuned, split: data_lib.Split,
+                  tuned_accuracy: float) -> Dict[str, float]:
+    """Trains the fine-tune architecture from random initialization on the fine-tune data, with
+    the same stages' epochs, learning rates, optimizer and batch size and nothing frozen (a
+    frozen random layer is no baseline); logs its per-epoch metrics as ``scratch/*`` and
+    returns its test metrics and ``transfer/gain`` (fine-tuned test accuracy minus its own)."""
+    import keras
+
+    cfg, ft = ctx.cfg, ctx.cfg.finetune
+    keras.utils.set_random_seed(cfg.trainer.seed + 2)
+    with ctx.strategy.scope():
+        # clone_model builds new layers from their configs: same architecture, fresh weights.
+        scratch = keras.models.clone_model(tuned)
+    ft_lib.apply_freeze(scratch, set())
+    tracker = ctx.tracker
+
+    class EpochLogger(keras.callbacks.Callback):
+        def __init__(self, offset: int):
+            super().__init__()
+            self.offset = offset
+
+        def on_epoch_end(self, epoch, logs=None):
+            tracker.log_metrics({f"scratch/{k}": float(v) for k, v in (logs or {}).items()},
+                                step=self.offset + epoch)
+
+    offset = 0
+    for index, stage in enumerate(ft_lib.stages_of(ft)):
+        with ctx.strategy.scope():
+            compile_for(cfg, scratch, ft.optimizer or cfg.trainer.optimizer,
+                        stage.learning_rate,
+                        "finetune.optimizer" if ft.optimizer else "trainer.optimizer")
+        fit(scratch, split, epochs=stage.epochs, batch_size=ft.batch_size or
+            cfg.trainer.batch_size, seed=cfg.trainer.seed + 1 + index,
+            verbose=cfg.trainer.verbose, callbacks=[EpochLogger(offset)])
+        offset += stage.epochs
+    test = evaluate(cfg, scratch, split)
+    measured = {f"scratch/test_{k}": v for k, v in test.items()}
+    measured["transfer/gain"] = tuned_accuracy - test.get("accuracy", float("nan"))
+    log.info("transfer gain: fine-tuned test accuracy %.4f, from scratch %.4f (gain %+.4f)",
+             tuned_accuracy, test.get("accuracy", float("nan")), measured["transfer/gain"])
+    return measured

@@ -1,7 +1,8 @@
 """Sources: where a run starts when it does not start from scratch.
 
-Finds the artifact named by the ``source`` config group (a path, or an MLflow model URI), checks
-its bytes against the sha256 tfharness recorded, tells what kind of artifact it is, loads it as a
+Finds the artifact named by the ``source`` config group (a path, or an MLflow model URI: one
+logged by tfharness, or by ``mlflow.keras``/``mlflow.tensorflow``, whose ``data/`` folder holds
+the Keras file), checks its bytes against the sha256 tfharness recorded, tells what kind of artifact it is, loads it as a
 Keras 3 model with as much of its structure as the artifact carries, and proves the loaded model
 computes what the artifact computes. What each kind gives:
 
@@ -40,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tfharness.artifacts import integrity, serialization
+from tfharness.models.applications import register_layers
 from tfharness.config import MlflowSourceConfig, PathSourceConfig, SourceConfig
 from tfharness.errors import ConfigError, SourceError, VerificationError
 
@@ -170,11 +172,13 @@ def resolve_mlflow(uri: str, tracking_uri: str, workdir: Path) -> SourceArtifact
             if found:
                 model_id = found[0].model_id
             else:
-                # Not a logged model: a plain artifact of the run (a .keras file, a directory).
-                local = mlflow.artifacts.download_artifacts(
+                # Not a logged model: a plain artifact of the run (a .keras file, a directory,
+                # a model folder an older MLflow logged into the run's artifacts).
+                local = Path(mlflow.artifacts.download_artifacts(
                     run_id=run_id, artifact_path=name, dst_path=str(workdir),
-                    tracking_uri=tracking_uri)
-                return SourceArtifact(Path(local), uri, None, lineage)
+                    tracking_uri=tracking_uri))
+                return (_flavor_artifact(local, uri, lineage) if local.is_dir() else None) \
+                    or SourceArtifact(local, uri, None, lineage)
         logged = client.get_logged_model(model_id)
     except MlflowException as exc:
         raise _mlflow_error(uri, exc) from exc
@@ -187,14 +191,46 @@ def resolve_mlflow(uri: str, tracking_uri: str, workdir: Path) -> SourceArtifact
             tracking_uri=tracking_uri))
     except MlflowException as exc:
         raise _mlflow_error(uri, exc) from exc
+    flavored = _flavor_artifact(local, uri, lineage)
+    if flavored is not None:
+        return flavored
     inside = local / "artifacts"
     candidates = sorted(p for p in inside.iterdir()
                         if not p.name.endswith(integrity.RECORD_SUFFIX)) if inside.is_dir() else []
     if len(candidates) != 1:
         found = sorted(p.relative_to(local).as_posix() for p in local.iterdir())
-        raise SourceError(f"source.uri={uri!r} is not a model logged by tfharness: expected one "
-                          f"saved model under artifacts/, found {found}.")
+        raise SourceError(f"source.uri={uri!r} is neither a model logged by tfharness nor one "
+                          f"logged by mlflow.keras or mlflow.tensorflow: expected one saved "
+                          f"model under artifacts/ or a keras/tensorflow flavor in MLmodel, "
+                          f"found {found}.")
     return SourceArtifact(candidates[0], uri, logged.tags.get(SHA256_TAG), lineage)
+
+
+# MLflow's own Keras flavors, in the order they are looked for in an MLmodel file.
+KERAS_FLAVORS = ("keras", "tensorflow")
+
+
+def _flavor_artifact(local: Path, uri: str, lineage: Dict[str, str]) -> Optional[SourceArtifact]:
+    """The Keras file or SavedModel inside a model logged by ``mlflow.keras.log_model`` or
+    ``mlflow.tensorflow.log_model`` (None for anything else, tfharness' own included)."""
+    import yaml
+
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
+    flavor = next((f for f in KERAS_FLAVORS if f in flavors), None)
+    if flavor is None:
+        return None
+    data = local / (flavors[flavor].get("data") or "data")
+    found = sorted(p for p in data.iterdir()
+                   if p.suffix in (".keras", ".h5") or (p / "saved_model.pb").is_file()) \
+        if data.is_dir() else []
+    if len(found) != 1:
+        raise SourceError(f"source.uri={uri!r} is a model logged by mlflow.{flavor}, but its "
+                          f"{data.name}/ folder holds {len(found)} saved models "
+                          f"({', '.join(p.name for p in found) or 'none'}); one is needed.")
+    return SourceArtifact(found[0], uri, None, {**lineage, "tfharness.source_flavor": flavor})
 
 
 def resolve(cfg: SourceConfig, tracking_uri: str, workdir: Path) -> SourceArtifact:
@@ -230,6 +266,7 @@ def detect_kind(path: Path, key: str = "source.path") -> str:
 def _load_keras_file(path: Path, allow_unsafe: bool, key: str, shown: str):
     import keras
 
+    register_layers()
     try:
         return keras.saving.load_model(str(path), compile=False, safe_mode=not allow_unsafe)
     except Exception as exc:
@@ -416,9 +453,9 @@ def _load_opaque(path: Path, cfg: SourceConfig, input_shape: Tuple[int, ...], sh
 
 
 def _check_input_shape(model, input_shape: Tuple[int, ...], shown: str, key: str) -> None:
-    if isinstance(model.input_shape, list):
-        raise SourceError(f"{key}={shown!r} has {len(model.input_shape)} inputs; a model with one "
-                          f"input is needed.")
+    from tfharness.finetune.surgery import check_single_io
+
+    check_single_io(model, key, shown)
     saved = tuple(model.input_shape[1:])
     if len(saved) != len(input_shape) or any(
             s is not None and s != d for s, d in zip(saved, input_shape)):

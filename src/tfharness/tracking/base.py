@@ -51,8 +51,20 @@ class Tracker:
 
     def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
                   tags: Optional[Dict[str, str]] = None,
-                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
-        """Logs the saved ``artifact`` of ``model`` as the MLflow model ``name``."""
+                  extra_artifacts: Optional[Dict[str, Path]] = None, step: int = 0) -> None:
+        """Logs the saved ``artifact`` of ``model`` as the MLflow model ``name``, produced at
+        epoch ``step``."""
+
+    def link_model_metrics(self, name: str, keys: List[str]) -> None:
+        """Links the latest point of each run metric in ``keys`` to the logged model ``name``
+        (MLflow's logged-model metrics: the Models page and the model's page show them)."""
+
+    def log_figure(self, kind: str, data: Dict, artifact_file: str) -> None:
+        """Draws ``data`` with :data:`tfharness.tracking.plots.DRAWERS` ``[kind]`` and logs the PNG."""
+
+    def log_inputs(self, datasets: List[Dict[str, Optional[str]]]) -> None:
+        """Records the run's datasets (``DatasetRecord.to_dict()`` of
+        :mod:`tfharness.data.records`), as ``mlflow.log_input`` would."""
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         """Sets run tags."""

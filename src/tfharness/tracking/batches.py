@@ -1,8 +1,8 @@
-"""Writing params and metric points in the batch sizes MLflow accepts, and tables as columns."""
+"""Writing params and metric points in the batch sizes MLflow accepts."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, List
 
 # MLflow's limits: params and metrics per log_batch call, characters of a param value.
 PARAM_BATCH = 100
@@ -23,12 +23,3 @@ def log_metric_points(client, run_id: str, points: List) -> None:
     """Logs ``points`` (``mlflow.entities.Metric``) in batches."""
     for i in range(0, len(points), METRIC_BATCH):
         client.log_batch(run_id, metrics=points[i:i + METRIC_BATCH])
-
-
-def table_columns(rows: Iterable[Dict]) -> Dict[str, list]:
-    """Rows (dicts) as the columns ``MlflowClient.log_table`` takes."""
-    columns: Dict[str, list] = {}
-    for row in rows:
-        for key, value in row.items():
-            columns.setdefault(key, []).append(value)
-    return columns

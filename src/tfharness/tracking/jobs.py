@@ -6,10 +6,13 @@ store or, when that stays unreachable, to the spool (:mod:`tfharness.tracking.sp
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
-from tfharness.tracking.models import MODEL_URI_TAG, ModelSpec, log_model_spec
+from tfharness.tracking.models import (MODEL_URI_TAG, ModelSpec, link_model_metrics,
+                                       log_model_spec, model_id_of)
 
 
 @dataclass
@@ -69,6 +72,58 @@ class ModelJob(Job):
         self.logged(self.spec.name, uri)
         # Lets a sweep find the model of its best trial from the run alone.
         client.set_tag(run_id, f"{MODEL_URI_TAG}.{self.spec.name}", uri)
+
+
+@dataclass
+class LinkJob(Job):
+    """Links the run's latest figures ``keys`` to its logged model ``name``."""
+
+    name: str
+    keys: List[str]
+    model_uris: Dict[str, str]  # the tracker's, as filled by earlier ModelJobs
+
+    def deliver(self, client, run_id: str) -> None:
+        model_id = model_id_of(client, run_id, self.name, self.model_uris)
+        link_model_metrics(client, run_id, model_id, self.keys)
+
+
+@dataclass
+class FigureJob(Job):
+    """Draws ``data`` with ``plots.DRAWERS[kind]`` and logs the PNG as ``file``."""
+
+    kind: str
+    data: Dict
+    file: str
+
+    def deliver(self, client, run_id: str) -> None:
+        from tfharness.tracking import plots
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(self.file).name
+            plots.DRAWERS[self.kind](self.data, path)
+            client.log_artifact(run_id, str(path), str(Path(self.file).parent))
+
+
+@dataclass
+class InputsJob(Job):
+    """Records the run's datasets (``DatasetRecord.to_dict()`` of :mod:`tfharness.data.records`)."""
+
+    datasets: List[Dict[str, Optional[str]]]
+
+    def deliver(self, client, run_id: str) -> None:
+        client.log_inputs(run_id, datasets=dataset_inputs(self.datasets))
+
+
+def dataset_inputs(datasets: List[Dict[str, Optional[str]]]) -> list:
+    """MLflow's dataset inputs for plain descriptions, each tagged with its context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [DatasetInput(Dataset(name=d["name"], digest=d["digest"],
+                                 source_type=d["source_type"], source=d["source"],
+                                 schema=d.get("schema"), profile=d.get("profile")),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+            for d in datasets]
 
 
 @dataclass

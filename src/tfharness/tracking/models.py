@@ -30,17 +30,18 @@ class ModelSpec:
     requirements: List[str]
     tags: Dict[str, str] = field(default_factory=dict)
     extra_artifacts: Dict[str, str] = field(default_factory=dict)
+    step: int = 0  # the epoch the model was produced at
 
     @classmethod
     def of(cls, name: str, example: np.ndarray, output: np.ndarray, artifact,
            requirements: List[str], tags: Optional[Dict[str, str]] = None,
-           extra_artifacts: Optional[Dict[str, Any]] = None) -> "ModelSpec":
+           extra_artifacts: Optional[Dict[str, Any]] = None, step: int = 0) -> "ModelSpec":
         """The spec of a model whose ``output`` on ``example`` is known (its signature)."""
         from mlflow.models import infer_signature
 
         return cls(name, str(artifact), infer_signature(example, output), np.asarray(example),
                    list(requirements), dict(tags or {}),
-                   {k: str(v) for k, v in (extra_artifacts or {}).items()})
+                   {k: str(v) for k, v in (extra_artifacts or {}).items()}, int(step))
 
     def to_json(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -92,6 +93,10 @@ def log_model_spec(spec: ModelSpec, run_id: str) -> str:
         signature=spec.signature,
         input_example=spec.example,
         pip_requirements=spec.requirements,
+        # MLflow links every run metric at this step to the new model; the runner logs a model
+        # at the epoch after its training, where no metric is yet, and links the model's own
+        # figures afterwards (LinkJob).
+        step=spec.step,
     )
     return info.model_uri
 
@@ -108,6 +113,40 @@ class _PyfuncFlavor:
         import mlflow.pyfunc
 
         return mlflow.pyfunc.save_model(**kwargs)
+
+
+def model_id_of(client, run_id: str, name: str, model_uris: Dict[str, str]) -> Optional[str]:
+    """The id of the model ``name`` the run logged (by this process or an earlier one)."""
+    uri = model_uris.get(name, "")
+    if uri.startswith("models:/"):
+        return uri[len("models:/"):]
+    run = client.get_run(run_id)
+    models = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+    return models[0].model_id if models else None
+
+
+def link_model_metrics(client, run_id: str, model_id: Optional[str], keys: List[str]) -> None:
+    """Links the latest point of each run metric in ``keys`` to the logged model ``model_id``.
+
+    The point is logged again, unchanged, with the model's id: the run's history keeps one point
+    (MLflow drops an exact duplicate) and the model carries the run's final value. Keys the run
+    did not record are skipped; so is everything when the model was not logged.
+    """
+    from mlflow.entities import Metric
+
+    from tfharness.tracking.batches import log_metric_points
+
+    if model_id is None:
+        return
+    points = []
+    for key in keys:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            # The point MLflow shows as the run's value: latest step, then latest time.
+            last = max(history, key=lambda m: (m.step, m.timestamp, m.value))
+            points.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    log_metric_points(client, run_id, points)
 
 
 def register(model_uri: str, registered_name: str) -> str:

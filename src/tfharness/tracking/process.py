@@ -232,17 +232,26 @@ class ProcessTracker(Tracker):
 
     def log_model(self, model, name: str, example: np.ndarray, artifact,
                   tags: Optional[Dict[str, str]] = None,
-                  extra_artifacts: Optional[Dict] = None) -> None:
+                  extra_artifacts: Optional[Dict] = None, step: int = 0) -> None:
         output, requirements = model_output_and_requirements(model, example)
         self._record("log_model_output", name, np.asarray(example), output, str(artifact),
                      requirements, dict(tags or {}),
-                     {k: str(v) for k, v in (extra_artifacts or {}).items()})
+                     {k: str(v) for k, v in (extra_artifacts or {}).items()}, step=step)
+
+    def link_model_metrics(self, name: str, keys: List[str]) -> None:
+        self._record("link_model_metrics", name, list(keys))
+
+    def log_figure(self, kind: str, data: Dict, artifact_file: str) -> None:
+        self._record("log_figure", kind, data, artifact_file)
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         self._record("set_tags", dict(tags))
 
     def log_table(self, rows: List[Dict], artifact_file: str) -> None:
         self._record("log_table", rows, artifact_file)
+
+    def log_inputs(self, datasets: List[Dict]) -> None:
+        self._record("log_inputs", [dict(d) for d in datasets])
 
     def register_model(self, name: str, registered_name: str) -> None:
         self._record("register_model", name, registered_name)

@@ -19,7 +19,7 @@ from typing import Dict, List
 
 from tfharness.config import TrackingConfig
 from tfharness.tracking.store import open_experiment
-from tfharness.tracking.jobs import CallJob, Job, ModelJob, TagsJob
+from tfharness.tracking.jobs import CallJob, Job, LinkJob, ModelJob, TagsJob
 from tfharness.tracking.models import ModelSpec
 
 TARGET_URI = "tfharness.spool.target_uri"
@@ -66,8 +66,9 @@ def spool_tail(cfg: TrackingConfig, run_id: str, spooled_run: bool, jobs: List[J
                 models.append(job.spec)
             elif isinstance(job, TagsJob):
                 tags = {**job.tags, **tags}  # set on the server run by the sync
-            elif isinstance(job, CallJob):
-                # A model registration needs the server's registry: it cannot wait in a spool.
+            elif isinstance(job, (CallJob, LinkJob)):
+                # A model registration, or figures linked to a logged model, need the server's
+                # registry and models: they cannot wait in a spool.
                 skipped.append(job.description)
             else:
                 job.deliver(client, run_id)

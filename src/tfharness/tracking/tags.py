@@ -5,8 +5,9 @@ from __future__ import annotations
 import getpass
 import os
 import subprocess
-import sys
 from typing import Dict, Optional
+
+from tfharness.tracking.record import provenance_tags
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> Optional[str]:
@@ -19,21 +20,20 @@ def git_commit(cwd: str | os.PathLike | None = None) -> Optional[str]:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def system_tags() -> Dict[str, str]:
-    """MLflow's documented system tags that ``mlflow.start_run`` sets (a run created through
-    ``MlflowClient`` gets none): who ran it and from what."""
+def user_name() -> str:
+    """Who runs this, as MLflow's ``mlflow.user`` tag names them (``mlflow.start_run`` sets it;
+    a run created through ``MlflowClient`` gets it from here)."""
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return os.environ["MLFLOW_TRACKING_USERNAME"]
     try:
-        user = getpass.getuser()
+        return getpass.getuser()
     except Exception:  # no user name in this environment (a container without passwd)
-        user = "unknown"
-    return {"mlflow.user": os.environ.get("MLFLOW_TRACKING_USERNAME") or user,
-            "mlflow.source.name": sys.argv[0] or "<console>",
-            "mlflow.source.type": "LOCAL"}
+        return "unknown"
 
 
 def run_tags(data: str, model: str, extra: Dict[str, str]) -> Dict[str, str]:
     """The tags of a run on ``data`` with ``model``, computed in the process the user started."""
-    tags = {**system_tags(), "data": data, "model": model, "command": " ".join(sys.argv),
+    tags = {"mlflow.user": user_name(), "data": data, "model": model, **provenance_tags(),
             **extra}
     commit = git_commit()
     if commit:

@@ -21,10 +21,10 @@ from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
 from tfharness.tracking import runs
 from tfharness.tracking.base import Tracker, ending_of
-from tfharness.tracking.batches import table_columns
 from tfharness.tracking.delivery import DeliveryRecord, DeliveryWorker
-from tfharness.tracking.jobs import (CallJob, Job, MetricsJob, ModelJob, TableJob, TagsJob,
-                                     TextJob)
+from tfharness.tracking.jobs import (CallJob, FigureJob, InputsJob, Job, LinkJob, MetricsJob,
+                                     ModelJob, TableJob, TagsJob, TextJob)
+from tfharness.tracking.naming import table_columns
 from tfharness.tracking.models import ModelSpec, model_output_and_requirements, register
 from tfharness.tracking.spool import SPOOL_REASON, spool_tail
 from tfharness.tracking.unreachable import is_unreachable
@@ -91,6 +91,12 @@ class MlflowTracker(Tracker):
         self.run_id = runs.open_run(self._store, self.cfg, run_name, params, tags,
                                     resume_run_id)
         self._start_delivery()
+        # The learning-curve plot is drawn at the end of the run: its imports are done now,
+        # while the run trains, instead of while the run waits to end.
+        from tfharness.tracking import plots
+
+        threading.Thread(target=plots.preload, name="tfharness-preload-plots",
+                         daemon=True).start()
 
     def _start_delivery(self) -> None:
         self._worker = DeliveryWorker(self.uri, self._deliver, self.record)
@@ -137,26 +143,37 @@ class MlflowTracker(Tracker):
         items = dict(tags)
         self.submit(TagsJob(f"tags {', '.join(items)}", items))
 
+    def log_inputs(self, datasets: List[Dict[str, Optional[str]]]) -> None:
+        items = [dict(d) for d in datasets]
+        self.submit(InputsJob(f"datasets {', '.join(d['name'] for d in items)}", items))
+
+    def log_figure(self, kind: str, data: Dict, artifact_file: str) -> None:
+        self.submit(FigureJob(f"figure {artifact_file}", kind, data, artifact_file))
+
+    def link_model_metrics(self, name: str, keys: List[str]) -> None:
+        self.submit(LinkJob(f"metrics of model {name}", name, list(keys), self.model_uris))
+
     def log_model(self, model, name: str, example: np.ndarray, artifact: Path,
                   tags: Optional[Dict[str, str]] = None,
-                  extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+                  extra_artifacts: Optional[Dict[str, Path]] = None, step: int = 0) -> None:
         """Logs the saved ``artifact`` of ``model`` as an MLflow model, in the background.
 
         ``tags`` go on the logged model (its sha256, where it came from); ``extra_artifacts``
-        travel beside the artifact (its sha256 record). The URI lands in :attr:`model_uris`
-        once :meth:`finish` ran.
+        travel beside the artifact (its sha256 record); ``step`` is the epoch the model was
+        produced at. The URI lands in :attr:`model_uris` once :meth:`finish` ran.
         """
         output, requirements = model_output_and_requirements(model, example)
         self.log_model_output(name, example, output, artifact, requirements, tags,
-                              extra_artifacts)
+                              extra_artifacts, step=step)
 
     def log_model_output(self, name: str, example: np.ndarray, output: np.ndarray, artifact,
                          requirements: List[str], tags: Optional[Dict[str, str]] = None,
-                         extra_artifacts: Optional[Dict[str, Path]] = None) -> None:
+                         extra_artifacts: Optional[Dict[str, Path]] = None,
+                         step: int = 0) -> None:
         """:meth:`log_model` once the model's ``output`` on ``example`` is known (what the
         tracking process receives: it never loads TensorFlow)."""
         self.log_model_spec(ModelSpec.of(name, example, output, artifact, requirements, tags,
-                                         extra_artifacts))
+                                         extra_artifacts, step))
 
     def log_model_spec(self, spec: ModelSpec) -> None:
         self.model_specs.append(spec)
