@@ -100,7 +100,7 @@ def _descendant_peaks(root: int, peaks: dict) -> None:
 
 def timed(command, cwd) -> dict:
     """Runs ``command``; returns wall seconds, its own peak RSS and the sum of the peak RSS of
-    it and every process it started (tfharness' tracking process), in MiB.
+    it and every process it started, in MiB.
 
     The sum of peaks counts each helper process at its own peak even if those peaks came at
     different moments: an upper bound on the memory the run needed at once.
@@ -330,7 +330,7 @@ def logging_cost(folder: Path) -> dict:
     epoch = {"pretrain/loss": 0.5, "pretrain/accuracy": 0.9, "pretrain/val_loss": 0.6,
              "pretrain/val_accuracy": 0.8}
     calls = 200
-    # The default tracker: calls go to the tracking process, which logs in the background.
+    # The default tracker: calls are queued for its delivery thread, which logs in the background.
     tracker = make_tracker(TrackingConfig(uri=uri, experiment="logging-cost"))
     tracker.start("background", {"p": "1"}, {})
     start = time.perf_counter()
@@ -385,12 +385,12 @@ def sweeps(folder: Path, jobs: int = 8) -> dict:
     return {"jobs": jobs, "one_process_s": one, "separate_s": separate}
 
 
-# How a run talks to MLflow: the tracking process with tfharness' delivery thread (the default),
-# the same thread in the training process, and MLflow's own asynchronous logging.
+# How a run delivers its logging calls: tfharness' delivery thread (the default) or MLflow's own
+# asynchronous logging. (The tracking process these were measured against until it was deleted
+# is in benchmarks/results.md.)
 TRACKING_VARIANTS = {
-    "process + harness thread": ["tracking.process=true", "tracking.async_backend=harness"],
-    "thread (harness)": ["tracking.process=false", "tracking.async_backend=harness"],
-    "mlflow async": ["tracking.process=false", "tracking.async_backend=mlflow"],
+    "thread (harness)": ["tracking.async_backend=harness"],
+    "mlflow async": ["tracking.async_backend=mlflow"],
 }
 TRACKING_SECTION = "Tracking variants ("
 
@@ -669,7 +669,7 @@ def main() -> None:
              f"Median of {repeats} runs each, alternated plain, autolog, harness. Wall time is "
              f"the whole process, start to exit (imports included); throughput is pretraining "
              f"samples/s measured around `fit`; peak RSS of the process from `wait4`, plus the peak of "
-             f"each process it started (tfharness' tracking process; sampled every 0.2 s), and "
+             f"each process it started (sampled every 0.2 s), and "
              f"their sum, which the memory target is checked on.", ""]
     lines += ["| workload | way | wall s | samples/s | peak RSS MiB | helper processes MiB "
               "| sum MiB |", "|---|---|---|---|---|---|---|"]

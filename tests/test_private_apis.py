@@ -7,7 +7,6 @@ import logging
 
 import mlflow
 import numpy as np
-import pytest
 
 
 def test_keras_safe_mode_scope_is_what_the_opaque_block_reads():

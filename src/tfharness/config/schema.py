@@ -345,9 +345,6 @@ class TrackingConfig:
     # How long the end of a run waits for a store that went down mid-run before it spools what
     # could not be delivered.
     drain_timeout_s: float = 30.0
-    # Log from a separate tracking process (true), so MLflow never loads in the training
-    # process, or from a background thread of the training process (false).
-    process: bool = True
     # Who delivers logging calls in the background: "harness" (tfharness' delivery thread, which
     # retries while a server is down and spools what it cannot deliver) or "mlflow" (MLflow's own
     # asynchronous logging and HTTP retry settings, MLFLOW_HTTP_REQUEST_*).

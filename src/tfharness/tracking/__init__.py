@@ -5,7 +5,6 @@
   call, a ``jobs`` dataclass, to a ``delivery`` thread that retries through server outages;
 - ``mlflow_async``: the same tracker on MLflow's own asynchronous logging
   (``tracking.async_backend=mlflow``);
-- ``process``: the tracking process, so MLflow never loads in the training process;
 - ``models``: logging a saved artifact as an MLflow model (``mlflow_model`` is its pyfunc
   wrapper, loaded by MLflow by file path), and registering it;
 - ``store``: opening a tracking store (created under a lock, errors naming tracking.uri);
@@ -14,8 +13,6 @@
 """
 
 from __future__ import annotations
-
-import logging
 
 from tfharness.config import TrackingConfig
 from tfharness.tracking.backends import in_process_tracker
@@ -34,23 +31,13 @@ __all__ = ["MODEL_URI_TAG", "PARAM_BATCH", "PARAM_VALUE_LIMIT", "MlflowTracker",
            "markdown_table", "model_output_and_requirements", "open_experiment", "run_tags",
            "sqlite_artifact_root"]
 
-log = logging.getLogger("tfharness")
-
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:
-    """The run's tracker: none with ``tracking=off``; by default one in the tracking process
-    (:mod:`tfharness.tracking.process`), else one in this process that starts opening the store
-    now, while this process loads data and TensorFlow."""
+    """The run's tracker: none with ``tracking=off``, else the MLflow tracker of
+    ``tracking.async_backend``, which starts opening the store now, on a thread, while this
+    process loads the data and TensorFlow."""
     if cfg.name == "off":
         return Tracker()
-    if cfg.process:
-        from tfharness.tracking.process import ProcessTracker
-
-        try:
-            return ProcessTracker(cfg)
-        except OSError as error:  # no interpreter to start, no process slots left
-            log.warning("Cannot start the tracking process (%s: %s); logging from a thread of "
-                        "this process instead", type(error).__name__, error)
     tracker = in_process_tracker(cfg)
     tracker.connect_meanwhile()
     return tracker

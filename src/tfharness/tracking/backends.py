@@ -1,4 +1,4 @@
-"""The tracker that logs from this process, as ``tracking.async_backend`` says."""
+"""The MLflow tracker, as ``tracking.async_backend`` says."""
 
 from __future__ import annotations
 

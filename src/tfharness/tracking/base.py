@@ -1,8 +1,8 @@
 """The :class:`Tracker` interface: everything the pipeline asks of tracking, and nothing more.
 
 The pipeline holds a Tracker and never learns which one runs (none with ``tracking=off``, the
-MLflow tracker in this process, or the one in the tracking process): see
-:func:`tfharness.tracking.make_tracker`.
+MLflow tracker with tfharness' delivery thread, or the one on MLflow's asynchronous logging):
+see :func:`tfharness.tracking.make_tracker`.
 """
 
 from __future__ import annotations

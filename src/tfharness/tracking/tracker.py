@@ -170,8 +170,7 @@ class MlflowTracker(Tracker):
                          requirements: List[str], tags: Optional[Dict[str, str]] = None,
                          extra_artifacts: Optional[Dict[str, Path]] = None,
                          step: int = 0) -> None:
-        """:meth:`log_model` once the model's ``output`` on ``example`` is known (what the
-        tracking process receives: it never loads TensorFlow)."""
+        """:meth:`log_model` once the model's ``output`` on ``example`` is known."""
         self.log_model_spec(ModelSpec.of(name, example, output, artifact, requirements, tags,
                                          extra_artifacts, step))
 
