@@ -16,7 +16,6 @@ from typing import Dict, Iterable, List, Optional
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
 from tfharness.tracking import spool
-from tfharness.tracking.batches import log_params
 from tfharness.tracking.store import open_experiment
 from tfharness.tracking.unreachable import is_unreachable
 
@@ -53,7 +52,7 @@ def connect(cfg: TrackingConfig, own_retries: bool) -> Store:
     if cfg.log_models:
         # What model logging imports, loaded now rather than while the first model waits.
         import mlflow.models  # noqa: F401
-        import mlflow.pyfunc  # noqa: F401
+        import mlflow.pyfunc  # noqa: F401,F811
     return Store(client, experiment_id, cfg.uri)
 
 
@@ -72,9 +71,9 @@ def spool_instead(cfg: TrackingConfig, error: Exception,
     return Store(client, experiment_id, uri, spooled=True)
 
 
-def open_run(store: Store, cfg: TrackingConfig, run_name: str, params: Dict[str, str],
-             tags: Dict[str, str], resume_run_id: Optional[str]) -> str:
-    """Creates the run (tags, params) or reopens ``resume_run_id``; returns its id."""
+def open_run(store: Store, cfg: TrackingConfig, run_name: str, tags: Dict[str, str],
+             resume_run_id: Optional[str]) -> str:
+    """Creates the run with its tags, or reopens ``resume_run_id``; returns its id."""
     import mlflow
 
     # MLflow calls made later in this process (loading the run's models by URI) go to its store.
@@ -85,10 +84,8 @@ def open_run(store: Store, cfg: TrackingConfig, run_name: str, params: Dict[str,
     tags = {**tags, **cfg.tags}
     if store.spooled:
         tags[spool.TARGET_URI] = cfg.uri
-    run_id = store.client.create_run(store.experiment_id, run_name=run_name[:RUN_NAME_LIMIT],
-                                     tags=tags).info.run_id
-    log_params(store.client, run_id, params)
-    return run_id
+    return store.client.create_run(store.experiment_id, run_name=run_name[:RUN_NAME_LIMIT],
+                                   tags=tags).info.run_id
 
 
 def reopen(store: Store, run_id: str, tags: Dict[str, str]) -> None:

@@ -21,6 +21,7 @@ from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
 from tfharness.tracking import runs
 from tfharness.tracking.base import Tracker, ending_of
+from tfharness.tracking.batches import log_params
 from tfharness.tracking.delivery import DeliveryRecord, DeliveryWorker
 from tfharness.tracking.jobs import (CallJob, FigureJob, InputsJob, Job, LinkJob, MetricsJob,
                                      ModelJob, TableJob, TagsJob, TextJob)
@@ -42,6 +43,8 @@ class MlflowTracker(Tracker):
     and logging the pretrained model overlaps fine-tuning. Calls kept through a server outage
     that outlasts ``tracking.drain_timeout_s`` are spooled when the run ends.
     """
+
+    retries_itself = True  # whether this tracker retries unreachable calls itself
 
     def __init__(self, cfg: TrackingConfig):
         super().__init__()
@@ -74,8 +77,6 @@ class MlflowTracker(Tracker):
                                             name="tfharness-mlflow-connect")
         self._connecting.start()
 
-    retries_itself = True  # whether this tracker retries unreachable calls itself
-
     def start(self, run_name: str, params: Dict[str, str], tags: Dict[str, str],
               resume_run_id: Optional[str] = None) -> None:
         if self._connecting is not None:
@@ -88,8 +89,13 @@ class MlflowTracker(Tracker):
             self.spooled_run = True
             tags = {**tags, SPOOL_REASON: f"{type(error).__name__}: {str(error)[:300]}"}
         self.uri = self._store.uri
-        self.run_id = runs.open_run(self._store, self.cfg, run_name, params, tags,
-                                    resume_run_id)
+        self.run_id = runs.open_run(self._store, self.cfg, run_name, tags, resume_run_id)
+        if resume_run_id is None:  # a resumed run has its params already
+            try:
+                log_params(self._store.client, self.run_id, params)
+            except BaseException as error:
+                self.finish(error)  # never a run left RUNNING without its params
+                raise
         self._start_delivery()
         # The learning-curve plot is drawn at the end of the run: its imports are done now,
         # while the run trains, instead of while the run waits to end.
