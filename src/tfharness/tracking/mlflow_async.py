@@ -44,6 +44,9 @@ class MlflowAsyncTracker(MlflowTracker):
                     self.run_id, tags=[RunTag(k, str(v)) for k, v in job.tags.items()],
                     synchronous=False)
             else:
+                # In order, as with the default backend: a call that reads what was logged
+                # before it (linking a model's figures) must find it there.
+                self._drain()
                 job.deliver(client, self.run_id)
                 return
         except Exception as exc:  # never raised into training; finish() reports it
