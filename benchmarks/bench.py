@@ -8,7 +8,7 @@ matmul peak, save formats, the cost of logging one epoch, start-up, and an 8-job
 process against 8 separate invocations. Writes ``benchmarks/results.md``; the last line printed is
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
-Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|surgery|default|large|mobilenet|images|csv|data]
+Usage: scripts/bench [--repeats N] [--quick] [--only save-formats|surgery|tracking|default|large|mobilenet|images|csv|data]
 """
 
 from __future__ import annotations
