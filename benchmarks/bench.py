@@ -9,7 +9,7 @@ process against 8 separate invocations. Writes ``benchmarks/results.md``; the la
 ``ratio harness/plain=<x> harness/autolog=<y>`` for the large workload.
 
 Usage: scripts/bench [--repeats N] [--quick]
-                     [--only save-formats|surgery|speed|pretrain-cache|default|large|mobilenet|images|csv|data]
+                     [--only save-formats|surgery|speed|tracking|pretrain-cache|default|large|mobilenet|images|csv|data]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _descendant_peaks(root: int, peaks: dict) -> None:
 
 def timed(command, cwd) -> dict:
     """Runs ``command``; returns wall seconds, its own peak RSS and the sum of the peak RSS of
-    it and every process it started (tfharness' tracking process), in MiB.
+    it and every process it started, in MiB.
 
     The sum of peaks counts each helper process at its own peak even if those peaks came at
     different moments: an upper bound on the memory the run needed at once.
@@ -131,11 +131,12 @@ def timed(command, cwd) -> dict:
         raise RuntimeError(f"{command[:3]} failed ({process.returncode}):\n"
                            f"{stderr.decode()[-3000:]}")
     own = usage.ru_maxrss / 1024
-    # CPU seconds of the process and the helpers it waited for (its tracking process): what
-    # the work cost, whatever else the machine was running.
-    return {"wall": wall, "rss_mib": own, "helpers_rss_mib": sum(peaks.values()) / 1024,
-            "total_rss_mib": own + sum(peaks.values()) / 1024,
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+    # CPU seconds of the process and the helpers it waited for: what the work cost, whatever
+    # else the machine was running.
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"wall": wall, "cpu": cpu, "cpu_s": cpu, "rss_mib": own,
+            "helpers_rss_mib": sum(peaks.values()) / 1024,
+            "total_rss_mib": own + sum(peaks.values()) / 1024}
 
 
 def prepare_store(uri: str, experiment: str) -> None:
@@ -310,9 +311,10 @@ def save_format_lines(formats: list) -> list:
               f"{r['size_kib']:.0f} |" for r in formats)]
 
 
-def replace_save_formats(text: str, lines: list) -> str:
-    """``text`` (a results.md) with its save-format section replaced by ``lines``."""
-    head, marker, rest = text.partition("Save formats (")
+def replace_save_formats(text: str, lines: list, marker: str = "Save formats (") -> str:
+    """``text`` (a results.md) with its save-format section (or the section starting with
+    ``marker``) replaced by ``lines``."""
+    head, marker, rest = text.partition(marker)
     if not marker:
         return text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     # The section ends at the first blank line after its table.
@@ -332,7 +334,7 @@ def logging_cost(folder: Path) -> dict:
     epoch = {"pretrain/loss": 0.5, "pretrain/accuracy": 0.9, "pretrain/val_loss": 0.6,
              "pretrain/val_accuracy": 0.8}
     calls = 200
-    # The default tracker: calls go to the tracking process, which logs in the background.
+    # The default tracker: calls are queued for its delivery thread, which logs in the background.
     tracker = make_tracker(TrackingConfig(uri=uri, experiment="logging-cost"))
     tracker.start("background", {"p": "1"}, {})
     start = time.perf_counter()
@@ -475,6 +477,99 @@ def cache_lines(results: dict) -> list:
               f"{dominated['auto']['finetune_s']:.1f} s, one pretraining "
               f"{dominated['auto']['pretrain_s']:.1f} s | reported |"]
     return lines
+
+
+# How a run delivers its logging calls: tfharness' delivery thread (the default) or MLflow's own
+# asynchronous logging. (The tracking process these were measured against until it was deleted
+# is in benchmarks/results.md.)
+TRACKING_VARIANTS = {
+    "thread (harness)": ["tracking.async_backend=harness"],
+    "mlflow async": ["tracking.async_backend=mlflow"],
+}
+TRACKING_SECTION = "Tracking variants ("
+
+
+def tracking_variants(root: Path, rounds: int) -> dict:
+    """Wall, CPU (all processes) and peak RSS (sum of processes) of each tracking variant on
+    the default run, the large run and an 8-job sweep in one process; the variants alternate
+    within each round so a busy moment of a shared machine hits all of them."""
+    folder = root / "tracking"
+    folder.mkdir()
+    seeds = ",".join(str(s) for s in range(8))
+    workloads = {
+        "default": WORKLOADS["default"]["overrides"],
+        "large": WORKLOADS["large"]["overrides"],
+        "sweep of 8": ["-m", *TINY, f"trainer.seed={seeds}"],
+    }
+    samples = {(w, v): [] for w in workloads for v in TRACKING_VARIANTS}
+    loads = [os.getloadavg()[0]]
+    for number in range(rounds):
+        for workload, overrides in workloads.items():
+            for variant, switches in TRACKING_VARIANTS.items():
+                uri = f"sqlite:///{folder / (workload.split()[0] + '-' + variant.split()[0])}.db"
+                prepare_store(uri, "tfharness")
+                measured = timed([str(BIN / "tfharness"), *overrides, *switches,
+                                  f"tracking.uri={uri}"], folder)
+                samples[(workload, variant)].append(measured)
+                print(f"  round {number + 1} {workload} / {variant}: {measured['wall']:.2f} s "
+                      f"wall, {measured['cpu']:.2f} s CPU, {measured['total_rss_mib']:.0f} MiB, "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+        loads.append(os.getloadavg()[0])
+    medians = {key: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+               for key, runs in samples.items()}
+    return {"medians": medians, "rounds": rounds, "loads": loads,
+            "refused": refused_call_waits()}
+
+
+REFUSED_CALL = """
+import os, socket, sys, time
+probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+import mlflow
+from mlflow.entities import Metric
+client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+start = time.perf_counter()
+try:
+    client.log_batch("0" * 32, metrics=[Metric("m", 1.0, 0, 0)])
+except Exception:
+    print(time.perf_counter() - start)
+"""
+
+
+def refused_call_waits() -> dict:
+    """How long one synchronous MLflow call waits on a server that refuses connections (a
+    stopped server) before it raises: with MLflow's own HTTP retry settings, and with the ones
+    tfharness' delivery thread sets (it retries by itself, without holding training)."""
+    settings = {"MLflow's defaults": {},
+                "tfharness (0 retries, 10 s timeout)": {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}}
+    waits = {}
+    for label, extra in settings.items():
+        environment = {k: v for k, v in os.environ.items()
+                       if not k.startswith("MLFLOW_HTTP_REQUEST")}
+        done = subprocess.run([sys.executable, "-c", REFUSED_CALL], capture_output=True,
+                              text=True, env={**environment, **extra})
+        waits[label] = float(done.stdout.strip().splitlines()[-1])
+    return waits
+
+
+def tracking_variant_lines(result: dict) -> list:
+    loads = ", ".join(f"{load:.1f}" for load in result["loads"])
+    lines = [f"{TRACKING_SECTION}median of {result['rounds']} rounds, the variants alternated "
+             f"within each round; wall and CPU of the whole command, CPU summed over its "
+             f"processes (`wait4`), peak RSS summed over its processes; 1-minute load average "
+             f"at the start and after each round: {loads}, on {os.cpu_count()} cores):", "",
+             "| workload | variant | wall s | CPU s | peak RSS MiB (sum) | training process MiB "
+             "|", "|---|---|---|---|---|---|"]
+    for (workload, variant), m in result["medians"].items():
+        lines.append(f"| {workload} | {variant} | {m['wall']:.2f} | {m['cpu']:.2f} | "
+                     f"{m['total_rss_mib']:.0f} | {m['rss_mib']:.0f} |")
+    if result.get("refused"):
+        lines += ["", "One synchronous MLflow call to a server that refuses connections waits, "
+                  "before it raises:", ""]
+        lines += [f"- {label}: {seconds:.1f} s" for label, seconds in result["refused"].items()]
+    return lines
+
+
 def fine_tune_lines(name: str, work: dict, ways: dict, repeats: int) -> list:
     """The results.md section of a fine-tune workload (harness against plain Keras only)."""
     plain, harness = ways["plain"], ways["harness"]
@@ -595,13 +690,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one repeat of each, for checking that the script works")
     parser.add_argument("--output", default=str(HERE / "results.md"))
-    parser.add_argument("--only", choices=["save-formats", "surgery", "speed", "pretrain-cache",
-                                           *WORKLOADS, *DATA_WORKLOADS],
+    parser.add_argument("--only", choices=["save-formats", "surgery", "speed", "tracking",
+                                           "pretrain-cache", *WORKLOADS, *DATA_WORKLOADS],
                         help="save-formats, surgery, speed (XLA, mixed precision, steps per "
-                             "execution, batch size: speed_bench.py), pretrain-cache, images, csv "
-                             "or data (images and csv): run only that section and replace it in "
-                             "--output; a workload: compare on it only and print the medians "
-                             "(mobilenet: and replace its section)")
+                             "execution, batch size: speed_bench.py), tracking (the delivery "
+                             "backends), pretrain-cache, images, csv or data (images and csv): "
+                             "run only that section and replace it in --output; a workload: "
+                             "compare on it only and print the medians (mobilenet: and replace "
+                             "its section)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
@@ -614,6 +710,14 @@ def main() -> None:
         output = Path(args.output)
         output.write_text(speed_bench.replace_section(
             output.read_text() if output.exists() else "# tfharness benchmark\n", lines))
+        print("\n".join(lines))
+        return
+    if args.only == "tracking":
+        lines = tracking_variant_lines(tracking_variants(root, 1 if args.quick else args.repeats))
+        output = Path(args.output)
+        output.write_text(replace_save_formats(
+            output.read_text() if output.exists() else "# tfharness benchmark\n", lines,
+            TRACKING_SECTION))
         print("\n".join(lines))
         return
     if args.only == "pretrain-cache":
@@ -682,7 +786,7 @@ def main() -> None:
              f"Median of {repeats} runs each, alternated plain, autolog, harness. Wall time is "
              f"the whole process, start to exit (imports included); throughput is pretraining "
              f"samples/s measured around `fit`; peak RSS of the process from `wait4`, plus the peak of "
-             f"each process it started (tfharness' tracking process; sampled every 0.2 s), and "
+             f"each process it started (sampled every 0.2 s), and "
              f"their sum, which the memory target is checked on.", ""]
     lines += ["| workload | way | wall s | samples/s | peak RSS MiB | helper processes MiB "
               "| sum MiB |", "|---|---|---|---|---|---|---|"]
@@ -724,6 +828,7 @@ def main() -> None:
     lines += ["", *surgery_timing()]
     lines += ["", *save_format_lines(formats)]
     lines += ["", "Logged models carry explicit pip requirements: no requirement inference."]
+    lines += ["", *tracking_variant_lines(tracking_variants(root, min(repeats, 3)))]
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"ratio harness/plain={ratio_plain:.3f} harness/autolog={ratio_autolog:.3f}")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
+import sys
 
 import mlflow
 import numpy as np
@@ -18,25 +18,20 @@ from tfharness.tracking import store
 from conftest import TINY_SYNTHETIC, free_port
 
 
-@pytest.mark.parametrize("process", [True, False])
-def test_mlflow_never_loads_in_the_training_process_unless_asked(tmp_path, process):
+@pytest.mark.parametrize("backend", ["harness", "mlflow"])
+def test_each_async_backend_records_the_whole_run(tmp_path, backend):
     overrides = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune.epochs=2",
-                 f"tracking.process={str(process).lower()}",
-                 f"output_dir={tmp_path / 'out'}",
+                 f"tracking.async_backend={backend}", f"output_dir={tmp_path / 'out'}",
                  f"checkpoint_root={tmp_path / 'ckpt'}", "tracking.register=tiny",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    script = (f"import sys, tfharness\n"
+    script = (f"import tfharness\n"
               f"result = tfharness.run(tfharness.compose({overrides!r}))\n"
-              f"print(result.run_id, sorted(result.model_uris), result.registered_versions, "
-              f"'mlflow' in sys.modules)\n")
+              f"print(result.run_id, sorted(result.model_uris), result.registered_versions)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    # At exit the tracking process saw its pipe close and left by itself.
-    assert "tracking process did not exit" not in done.stderr
     run_id, *rest = done.stdout.split("\n")[-2].split(" ", 1)
-    # tracking.process=false logs from a thread of the training process: MLflow loads there.
-    assert rest == [f"['finetuned', 'pretrained'] {{'tiny': '1'}} {not process}"]
+    assert rest == ["['finetuned', 'pretrained'] {'tiny': '1'}"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -52,12 +47,9 @@ def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    # Where a run is tracked is an operational setting: in config.yaml, not a param.
-    assert "tracking.name" not in run.data.params
-    (tmp_path / "downloaded").mkdir()
-    config = yaml.safe_load(Path(client.download_artifacts(
-        run.info.run_id, "config.yaml", str(tmp_path / "downloaded"))).read_text())
-    assert config["tracking"]["name"] == "server"
+    # Where a run is recorded is in its config.yaml, not in its params (tracking/record.py).
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+    assert "name: server" in config.read_text() and "tracking.name" not in run.data.params
     assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [0, 1]
     # Artifacts went through the server into its artifact destination.
     assert any((tmp_path / "server-artifacts").rglob("saved_model.pb"))
@@ -66,7 +58,7 @@ def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):
 
 
 def test_each_run_logs_with_the_environment_it_was_started_in(make_cfg, client, monkeypatch):
-    # One tracking process serves the runs of a process; each run brings its environment.
+    # Runs of one process (a sweep) each bring the environment they were started in.
     quick = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none", "tracking.log_models=false"]
     monkeypatch.setenv("LOGNAME", "first-user")
     first = tfharness.run(make_cfg(quick))
@@ -74,20 +66,6 @@ def test_each_run_logs_with_the_environment_it_was_started_in(make_cfg, client, 
     second = tfharness.run(make_cfg(quick, out="second"))
     assert client.get_run(first.run_id).data.tags["mlflow.user"] == "first-user"
     assert client.get_run(second.run_id).data.tags["mlflow.user"] == "second-user"
-
-
-def test_without_a_tracking_process_the_run_logs_from_a_thread(make_cfg, client, monkeypatch,
-                                                               caplog):
-    from tfharness.tracking import process as tracking_process
-
-    monkeypatch.setattr(tracking_process, "_shared", None)
-    monkeypatch.setattr(sys, "executable", "/no/such/python")  # nothing to start it with
-    result = tfharness.run(make_cfg([*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none"]))
-    assert "Cannot start the tracking process" in caplog.text
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [0]
-    assert set(result.model_uris) == {"pretrained"}
 
 
 def test_tags_carry_the_git_commit_of_the_working_directory(tmp_path, monkeypatch):
@@ -122,11 +100,14 @@ def test_an_unreachable_server_is_a_clear_error_before_training(make_cfg, monkey
         tfharness.run(cfg)
 
 
-def test_a_call_that_fails_in_the_background_fails_the_run(tracking_uri, client):
+@pytest.mark.parametrize("backend", ["harness", "mlflow"])
+def test_a_call_that_fails_in_the_background_fails_the_run(tracking_uri, client, backend):
     from tfharness.config import TrackingConfig
     from tfharness.errors import TrackingError
+    from tfharness.tracking.backends import in_process_tracker
 
-    tracker = tracking.MlflowTracker(TrackingConfig(uri=tracking_uri, experiment="bg"))
+    tracker = in_process_tracker(TrackingConfig(uri=tracking_uri, experiment="bg",
+                                                async_backend=backend))
     tracker.start("r", {"a": "1"}, {})
     tracker.log_metrics({"pretrain/loss": 0.5}, step=0)
     tracker.log_metrics({"no good?": 1.0}, step=0)  # MLflow rejects this metric name

@@ -19,7 +19,6 @@ MOVED = {
     "tfharness.inmemory": "tfharness.artifacts.inmemory",
     "tfharness.integrity": "tfharness.artifacts.integrity",
     "tfharness.checkpoint": "tfharness.artifacts.checkpoint",
-    "tfharness.tracking_process": "tfharness.tracking.process",
     "tfharness.spool": "tfharness.tracking.spool",
     "tfharness.mlflow_model": "tfharness.tracking.mlflow_model",
     "tfharness.legacy_keras": "tfharness.sources.legacy_keras",

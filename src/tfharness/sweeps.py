@@ -169,15 +169,6 @@ def describe_sweep(summary: SweepSummary, swept: List[str]) -> str:
             + (f", test accuracy {accuracy:.4f}." if accuracy is not None else "."))
 
 
-def _user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except Exception:  # no user name in this environment (some containers)
-        return "unknown"
-
-
 def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_name: str,
                         error: BaseException) -> None:
     """Makes a trial that failed before opening its run visible: a FAILED child with the error.
@@ -185,10 +176,9 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     The runner checks a config before it opens a run (bad input should not leave runs behind),
     but in a sweep the user compares trials in MLflow, and a trial missing there is lost.
     """
-    from mlflow.entities import Param
-
     from tfharness.config import flatten, to_typed
-    from tfharness.tracking.tracker import PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment
+    from tfharness.tracking import open_experiment
+    from tfharness.tracking.batches import log_params
 
     try:
         typed = to_typed(cfg)
@@ -206,9 +196,7 @@ def record_failed_trial(cfg: DictConfig, parent_run_id: str, job_num: int, run_n
     from tfharness.tracking.record import split_params
 
     params, tags = split_params(flatten(typed))
-    items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
-    for i in range(0, len(items), PARAM_BATCH):
-        client.log_batch(run.info.run_id, params=items[i:i + PARAM_BATCH])
+    log_params(client, run.info.run_id, params)
     for key, value in tags.items():
         client.set_tag(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id, "FAILED")
@@ -271,7 +259,7 @@ def _as_floats(values: List[Optional[str]]) -> Optional[List[float]]:
 
 
 def _display(column: str, value: Any) -> str:
-    from tfharness.tracking.tracker import format_cell
+    from tfharness.tracking.tables import format_cell
 
     if column == "run_id":
         return str(value)[:8]  # enough to tell runs apart; the MLflow table has them whole
@@ -363,15 +351,14 @@ class SweepCallback(Callback):
 
     def _start(self, config: DictConfig) -> None:
         import mlflow
-        from mlflow.entities import Param
 
         from tfharness.config import flatten, register_configs, to_typed
         from tfharness.config.targets import option_name
         from tfharness.rerun import RERUN_OF_ENV
+        from tfharness.tracking import open_experiment, run_tags
+        from tfharness.tracking.batches import log_params
         from tfharness.tracking.naming import sweep_name
         from tfharness.tracking.record import RERUN_OF_TAG, split_params
-        from tfharness.tracking.tracker import (PARAM_BATCH, PARAM_VALUE_LIMIT, open_experiment,
-                                        run_tags)
 
         register_configs()
         job_cfg = copy.deepcopy(config)
@@ -389,8 +376,6 @@ class SweepCallback(Callback):
             SWEEP_TAG: "parent", "sweeper": sweeper.rsplit(".", 1)[-1],
             "launcher": launcher.rsplit(".", 1)[-1], "sweep_dir": str(config.hydra.sweep.dir)})
         run_name = sweep_name(space)
-        # Not opened through MLflow's fluent API, so the user is named here.
-        tags.setdefault("mlflow.user", _user())
         if os.environ.get(RERUN_OF_ENV):
             tags[RERUN_OF_TAG] = os.environ[RERUN_OF_ENV]
         run = self._client.create_run(self._experiment_id, run_name=run_name,
@@ -399,9 +384,7 @@ class SweepCallback(Callback):
         model_params, _ = split_params(flatten(typed))
         params = {**model_params, "sweep.sweeper": sweeper, "sweep.launcher": launcher,
                   **{f"sweep.space.{k}": v for k, v in space.items()}}
-        items = [Param(k, v[:PARAM_VALUE_LIMIT]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), PARAM_BATCH):
-            self._client.log_batch(self.parent_run_id, params=items[i:i + PARAM_BATCH])
+        log_params(self._client, self.parent_run_id, params)
         self._client.log_text(self.parent_run_id, OmegaConf.to_yaml(job_cfg), "sweep.yaml")
         # Every job, wherever it runs, gets the parent's id in its environment.
         swept = ",".join(k.lstrip("+~") for k in space)
@@ -458,13 +441,13 @@ class SweepCallback(Callback):
         return summary
 
     def _record(self, summary: SweepSummary, swept: List[str]) -> None:
-        client, parent = self._client, self.parent_run_id
         from tfharness.tracking.naming import table_columns
 
+        client, parent = self._client, self.parent_run_id
+
         rows = summary.rows(swept)
-        columns = table_columns(rows)
         if rows:
-            client.log_table(parent, data=columns, artifact_file=TRIALS_TABLE)
+            client.log_table(parent, data=table_columns(rows), artifact_file=TRIALS_TABLE)
         client.log_metric(parent, "trials", len(summary.trials))
         client.log_metric(parent, "failed_trials", summary.failed)
         best = summary.best
@@ -486,7 +469,7 @@ class SweepCallback(Callback):
             return
         import mlflow
 
-        from tfharness.tracking.tracker import MODEL_URI_TAG
+        from tfharness.tracking.models import MODEL_URI_TAG
 
         tags = self._client.get_run(best.run_id).data.tags
         uri = tags.get(f"{MODEL_URI_TAG}.finetuned") or tags.get(f"{MODEL_URI_TAG}.pretrained")

@@ -20,8 +20,9 @@ from typing import Dict, Optional
 from tfharness.tracking import spool
 from tfharness.errors import HarnessError, TrackingError
 from tfharness.tracking import store
+from tfharness.tracking.batches import log_metric_points, log_params
+from tfharness.tracking.models import log_model_spec
 
-METRIC_BATCH = 1000
 SYNCED_FILE = "synced.json"
 
 
@@ -32,8 +33,7 @@ def _copy_metrics(source, target, source_run: str, target_run: str, keys) -> int
     for key in keys:
         points += [Metric(m.key, m.value, m.timestamp, m.step)
                    for m in source.get_metric_history(source_run, key)]
-    for i in range(0, len(points), METRIC_BATCH):
-        target.log_batch(target_run, metrics=points[i:i + METRIC_BATCH])
+    log_metric_points(target, target_run, points)
     return len(points)
 
 
@@ -52,31 +52,19 @@ def _copy_artifacts(source, target, source_run: str, target_run: str) -> None:
 
 def _replay_models(source, source_run: str, target_uri: str, target_run: str) -> int:
     import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
 
     names = {a.path for a in source.list_artifacts(source_run, str(Path(spool.MODELS_FILE).parent))}
     if spool.MODELS_FILE not in names:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        specs = json.loads(Path(source.download_artifacts(source_run, spool.MODELS_FILE, tmp))
-                           .read_text())
+        specs = spool.model_specs_of(
+            Path(source.download_artifacts(source_run, spool.MODELS_FILE, tmp)).read_text())
     mlflow.set_tracking_uri(target_uri)
-    with mlflow.start_run(run_id=target_run):
-        for spec in specs:
-            if not Path(spec["artifact"]).exists():
-                raise TrackingError(f"Cannot replay model {spec['name']!r}: its saved artifact "
-                                    f"{spec['artifact']} is gone.")
-            mlflow.pyfunc.log_model(
-                name=spec["name"],
-                python_model=str(Path(__file__).parent / "tracking" / "mlflow_model.py"),
-                artifacts={"model": spec["artifact"], **spec.get("extra_artifacts", {})},
-                tags=spec.get("tags") or None,
-                signature=ModelSignature.from_dict(spec["signature"]) if spec["signature"]
-                else None,
-                input_example=np.asarray(spec["example"], dtype=np.float32),
-                pip_requirements=spec["requirements"],
-            )
+    for spec in specs:
+        if not Path(spec.artifact).exists():
+            raise TrackingError(f"Cannot replay model {spec.name!r}: its saved artifact "
+                                f"{spec.artifact} is gone.")
+        log_model_spec(spec, target_run)
     return len(specs)
 
 
@@ -111,11 +99,7 @@ def sync(spool_dir: str, target_uri: Optional[str] = None) -> Dict[str, str]:
                     kept["tfharness.spooled_from"] = run.info.run_id
                     target_run = target.create_run(experiment_id, run_name=run.info.run_name,
                                                    tags=kept).info.run_id
-                    from mlflow.entities import Param
-
-                    params = [Param(k, v) for k, v in sorted(run.data.params.items())]
-                    for i in range(0, len(params), 100):
-                        target.log_batch(target_run, params=params[i:i + 100])
+                    log_params(target, target_run, run.data.params)
                 _copy_metrics(source, target, run.info.run_id, target_run, run.data.metrics)
                 _copy_artifacts(source, target, run.info.run_id, target_run)
                 _replay_models(source, run.info.run_id, uri, target_run)

@@ -17,6 +17,7 @@ from tfharness.config.schema import (  # noqa: F401
     IN_MEMORY_FORMATS,
     JIT_COMPILE,
     MLFLOW_SOURCE_URI,
+    ASYNC_BACKENDS,
     ON_UNAVAILABLE,
     OPTIMIZERS,
     PRECISIONS,

@@ -17,6 +17,7 @@ from tfharness.config.schema import (
     IN_MEMORY_FORMATS,
     JIT_COMPILE,
     MLFLOW_SOURCE_URI,
+    ASYNC_BACKENDS,
     ON_UNAVAILABLE,
     OPTIMIZERS,
     PRECISIONS,
@@ -299,6 +300,7 @@ def _check_tracking(cfg: HarnessConfig) -> None:
         _check(tracking.uri.startswith(("http://", "https://")), "tracking.uri",
                tracking.uri, "an http:// or https:// URI when tracking=server")
     _check_choice("tracking.on_unavailable", tracking.on_unavailable, ON_UNAVAILABLE)
+    _check_choice("tracking.async_backend", tracking.async_backend, ASYNC_BACKENDS)
     _check(tracking.drain_timeout_s >= 0, "tracking.drain_timeout_s",
            tracking.drain_timeout_s, "a number of seconds >= 0")
     if tracking.register is not None:

@@ -35,6 +35,7 @@ DIRECTIONS = ("maximize", "minimize")
 TRACKING_MODES = ("local", "server", "off")
 ON_UNAVAILABLE = ("fail", "spool")
 PRETRAIN_CACHE_MODES = ("auto", "off", "refresh")
+ASYNC_BACKENDS = ("harness", "mlflow")
 HEAD_POOLING = ("avg", "max", "flatten")
 APPLICATION_POOLING = ("avg", "max")
 # Keyword arguments of a keras.applications constructor that tfharness decides.
@@ -356,9 +357,10 @@ class TrackingConfig:
     # How long the end of a run waits for a store that went down mid-run before it spools what
     # could not be delivered.
     drain_timeout_s: float = 30.0
-    # Log from a separate tracking process (true), so MLflow never loads in the training
-    # process, or from a background thread of the training process (false).
-    process: bool = True
+    # Who delivers logging calls in the background: "harness" (tfharness' delivery thread, which
+    # retries while a server is down and spools what it cannot deliver) or "mlflow" (MLflow's own
+    # asynchronous logging and HTTP retry settings, MLFLOW_HTTP_REQUEST_*).
+    async_backend: str = "harness"
     # Register the run's final (fine-tuned) model under this name in the model registry.
     register: Optional[str] = None
     # An alias (such as "champion") the new version of tracking.register or sweep.register_best

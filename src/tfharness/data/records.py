@@ -1,7 +1,7 @@
 """What a run records about its data: digests, MLflow dataset descriptions and class names.
 
 Everything here is plain Python (no TensorFlow, no MLflow): a :class:`DatasetRecord` is sent as a
-dict to the tracking process, which turns it into ``mlflow.entities.Dataset`` and logs it with
+dict to the tracker, which turns it into ``mlflow.entities.Dataset`` and logs it with
 the run's inputs (what ``mlflow.log_input`` does), one per context: ``pretrain``, ``finetune``
 and ``test``. The schema and source strings follow the JSON forms MLflow's own datasets write
 (``mlflow_tensorspec``, ``mlflow_colspec``, ``{"uri": ...}``), so the UI shows them as it shows

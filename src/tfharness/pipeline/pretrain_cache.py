@@ -35,7 +35,7 @@ from tfharness.config import MlflowSourceConfig
 from tfharness.errors import HarnessError
 from tfharness.pipeline.context import RunContext
 from tfharness.pipeline.fingerprint import FINGERPRINT_TAG
-from tfharness.tracking.tracker import MODEL_URI_TAG
+from tfharness.tracking.models import MODEL_URI_TAG
 
 log = logging.getLogger("tfharness")
 

@@ -65,8 +65,8 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     cfg_hash = ckpt_lib.config_hash(cfg)
     held = prepare.resume_target(cfg, cfg_hash)  # a resumed run's checkpoints, locked
     resumed = held.state if held is not None else None
-    # The tracker first: by default its process opens the store (imports MLflow, checks the
-    # schema) on the other core while this one loads the data and TensorFlow.
+    # The tracker first: it opens the store (imports MLflow, checks the schema) on a thread
+    # while this one loads the data and TensorFlow.
     tracker = tracking.make_tracker(cfg.tracking)
     importer = prepare.import_tensorflow_meanwhile()
     # The run sets its dtype policy (prepare); the caller's comes back when it ends.

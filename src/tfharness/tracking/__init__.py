@@ -1,27 +1,52 @@
 """Tracking: everything a run records in MLflow, and how it gets there.
 
-- ``tracker``: the :class:`Tracker` interface, the MLflow tracker (a logging thread), run tags;
-- ``process``: the tracking process, so MLflow never loads in the training process;
+- ``base``: the :class:`Tracker` interface the pipeline talks to (and ``tracking=off``);
+- ``tracker``: :class:`MlflowTracker`, which opens the run (``runs``) and hands every logging
+  call, a ``jobs`` dataclass, to a ``delivery`` thread that retries through server outages;
+- ``mlflow_async``: the same tracker on MLflow's own asynchronous logging
+  (``tracking.async_backend=mlflow``);
+- ``models``: logging a saved artifact as an MLflow model (``mlflow_model`` is its pyfunc
+  wrapper, loaded by MLflow by file path), and registering it;
 - ``store``: opening a tracking store (created under a lock, errors naming tracking.uri);
 - ``spool``: the local store a run logs to while its server is unreachable;
-- ``mlflow_model``: the pyfunc wrapper logged with each model (loaded by MLflow by file path).
+- ``batches``, ``tags``, ``tables``, ``unreachable``: small helpers shared with sweeps and sync.
 """
 
-from tfharness.tracking.tracker import (  # noqa: F401
-    MODEL_URI_TAG,
-    PARAM_BATCH,
-    PARAM_VALUE_LIMIT,
-    MlflowTracker,
-    Tracker,
-    ending_of,
-    format_cell,
-    git_commit,
-    is_unreachable,
-    make_tracker,
-    markdown_table,
-    model_output_and_requirements,
-    open_experiment,
-    run_tags,
-)
-from tfharness.tracking.store import sqlite_artifact_root  # noqa: F401
+from __future__ import annotations
 
+from tfharness.config import TrackingConfig
+from tfharness.tracking.backends import in_process_tracker
+from tfharness.tracking.base import Tracker, ending_of
+from tfharness.tracking.batches import PARAM_BATCH, PARAM_VALUE_LIMIT
+from tfharness.tracking.models import MODEL_URI_TAG, model_output_and_requirements
+from tfharness.tracking.store import open_experiment as _open_store
+from tfharness.tracking.store import sqlite_artifact_root
+from tfharness.tracking.tables import format_cell, markdown_table
+from tfharness.tracking.tags import git_commit, run_tags
+from tfharness.tracking.tracker import MlflowTracker
+from tfharness.tracking.unreachable import is_unreachable
+
+__all__ = ["MODEL_URI_TAG", "PARAM_BATCH", "PARAM_VALUE_LIMIT", "MlflowTracker", "Tracker",
+           "ending_of", "format_cell", "git_commit", "is_unreachable", "make_tracker",
+           "markdown_table", "model_output_and_requirements", "open_experiment", "run_tags",
+           "sqlite_artifact_root"]
+
+
+def make_tracker(cfg: TrackingConfig) -> Tracker:
+    """The run's tracker: none with ``tracking=off``, else the MLflow tracker of
+    ``tracking.async_backend``, which starts opening the store now, on a thread, while this
+    process loads the data and TensorFlow."""
+    if cfg.name == "off":
+        return Tracker()
+    tracker = in_process_tracker(cfg)
+    tracker.connect_meanwhile()
+    return tracker
+
+
+def open_experiment(cfg: TrackingConfig):
+    """An MlflowClient on ``cfg.uri`` and the id of ``cfg.experiment``, created if missing.
+
+    Creating the database and the experiment in one process, before any parallel job writes to
+    them, is what keeps a fresh SQLite store from racing on its schema.
+    """
+    return _open_store(cfg.uri, cfg.experiment)

@@ -2,8 +2,8 @@
 
 MLflow's charts draw each metric on its own, over its own steps; a learning curve needs training
 and validation overlaid, and pretraining and every fine-tune stage on one epoch axis with the
-stage boundaries marked. Drawn where the tracker runs (the tracking process by default), so
-matplotlib never loads in the training process.
+stage boundaries marked. Drawn by the tracker's delivery thread, at the end of the run, so no
+epoch waits for it.
 """
 
 from __future__ import annotations
