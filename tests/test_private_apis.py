@@ -33,7 +33,9 @@ def test_model_log_honours_validate_serving_input(tmp_path, caplog):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("private"))
+    # Artifacts under tmp_path: the default root, ./mlruns, would land in the working folder.
+    run = client.create_run(client.create_experiment(
+        "private", artifact_location=(tmp_path / "artifacts").as_uri()))
     artifact = tmp_path / "not-a-model.keras"
     artifact.write_bytes(b"not a zip archive")
     example = np.zeros((2, 3), np.float32)
