@@ -30,7 +30,7 @@ def __getattr__(name):
 
         return getattr(runner, name)
     if name == "compose":
-        from tfharness.cli import compose
+        from tfharness.config.compose import compose
 
         return compose
     if name == "HarnessConfig":

@@ -24,6 +24,7 @@ from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from tfharness.config import register_configs  # noqa: E402
+from tfharness.config.compose import compose  # noqa: E402,F401 (tfharness.cli.compose, as before)
 from tfharness.config.targets import import_current_folder  # noqa: E402
 from tfharness.errors import HarnessError, RunInterrupted  # noqa: E402
 
@@ -33,32 +34,6 @@ log = logging.getLogger("tfharness")
 
 class HarnessCommandError(CompactHydraException):
     """Printed by Hydra as its message alone, with exit status 1."""
-
-
-def compose(overrides: Sequence[str] = (), config_name: str = "config", *,
-            return_hydra_config: bool = False,
-            config_dir: Optional[str | os.PathLike] = None) -> DictConfig:
-    """Composes the packaged config with ``overrides``, as the command line would.
-
-    For use from Python and tests; set ``output_dir`` (it defaults to Hydra's run folder,
-    which exists only under the command line). ``return_hydra_config`` keeps the ``hydra``
-    node (launcher, sweeper) in the result. ``config_dir`` adds a folder of the user's own
-    options to every group, as ``--config-dir`` does on the command line.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    with initialize_config_module("tfharness.conf", version_base="1.3"):
-        return hydra_compose(config_name=config_name,
-                             overrides=[*search_path(config_dir), *overrides],
-                             return_hydra_config=return_hydra_config)
-
-
-def search_path(config_dir: Optional[str | os.PathLike]) -> List[str]:
-    """The override that adds ``config_dir`` to Hydra's config search path ([] for None)."""
-    if config_dir is None:
-        return []
-    return [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -77,7 +77,7 @@ def rerun_args(args: List[str]) -> List[str]:
     """
     import mlflow
 
-    from tfharness.cli import compose
+    from tfharness.config.compose import compose
     from tfharness.tracking.record import package_versions
 
     run_id, extra = _split(args)

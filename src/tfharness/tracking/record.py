@@ -109,9 +109,12 @@ def provenance_tags(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
 
 def describe(*, what: str, metrics: Mapping[str, float]) -> str:
     """One line for ``mlflow.note.content``: what the run did, then its final test accuracy."""
-    accuracy = metrics.get("test/accuracy")
-    result = (f"test accuracy {accuracy:.4f}" if accuracy is not None
-              else "no test accuracy (empty test split)")
+    if "test/accuracy" in metrics:
+        result = f"test accuracy {metrics['test/accuracy']:.4f}"
+    elif "test/loss" in metrics:  # metrics without accuracy (trainer.metrics)
+        result = f"test loss {metrics['test/loss']:.4f}"
+    else:
+        result = "no test split"
     return f"{what}: {result}."
 
 
