@@ -131,7 +131,7 @@ def test_keras_application_backbone_fine_tunes_its_top_blocks(make_cfg, client):
 
 
 @pytest.fixture
-def flavor_models(client, tracking_uri):
+def flavor_models(client, tracking_uri, tmp_path):
     """The residual model logged by mlflow.tensorflow.log_model (registered, with an alias)
     and by mlflow.keras.log_model, the way teams log Keras models."""
     import keras
@@ -139,12 +139,19 @@ def flavor_models(client, tracking_uri):
     keras.utils.set_random_seed(5)
     model = users.residual()
     users.stir_statistics(model)
+    # Artifacts under tmp_path: a SQLite store's default artifact root is ./mlruns.
+    experiment = client.create_experiment(
+        "team", artifact_location=(tmp_path / "team-artifacts").as_uri())
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("team")
-    with mlflow.start_run() as run:
-        tf_info = mlflow.tensorflow.log_model(model, name="clf", pip_requirements=["tensorflow"],
-                                              registered_model_name="team-clf")
-        keras_info = mlflow.keras.log_model(model, name="kclf", pip_requirements=["keras"])
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            tf_info = mlflow.tensorflow.log_model(model, name="clf",
+                                                  pip_requirements=["tensorflow"],
+                                                  registered_model_name="team-clf")
+            keras_info = mlflow.keras.log_model(model, name="kclf", pip_requirements=["keras"])
+    finally:
+        mlflow.set_tracking_uri(previous)
     client.set_registered_model_alias("team-clf", "prod", "1")
     x = np.random.default_rng(0).random((8, FEATURES), dtype=np.float32)
     return run.info.run_id, tf_info, keras_info, np.asarray(model(x)), x
