@@ -41,6 +41,7 @@ import numpy as np
 
 from tfharness.artifacts import integrity, serialization
 from tfharness.config import MlflowSourceConfig, PathSourceConfig, SourceConfig
+from tfharness.data.records import CLASS_NAMES_FILE
 from tfharness.errors import ConfigError, SourceError, VerificationError
 
 HARNESS_SAVEDMODEL = "tfharness-savedmodel"
@@ -188,8 +189,10 @@ def resolve_mlflow(uri: str, tracking_uri: str, workdir: Path) -> SourceArtifact
     except MlflowException as exc:
         raise _mlflow_error(uri, exc) from exc
     inside = local / "artifacts"
+    # Beside the saved model: its sha256 record and the names of its classes.
     candidates = sorted(p for p in inside.iterdir()
-                        if not p.name.endswith(integrity.RECORD_SUFFIX)) if inside.is_dir() else []
+                        if not p.name.endswith(integrity.RECORD_SUFFIX)
+                        and p.name != CLASS_NAMES_FILE) if inside.is_dir() else []
     if len(candidates) != 1:
         found = sorted(p.relative_to(local).as_posix() for p in local.iterdir())
         raise SourceError(f"source.uri={uri!r} is not a model logged by tfharness: expected one "
