@@ -135,15 +135,13 @@ def probe_features(split: Split, size: int) -> np.ndarray:
             continue
         rows.append(first_features(part, size - taken))
         taken += len(rows[-1])
-    return np.concatenate(rows)[:size]
+    return np.concatenate(rows)[:size] if rows else np.zeros((0, *split.input_shape), np.float32)
 
 
 def part_input_shape(part: Part) -> Tuple[int, ...]:
     """The features' per-sample shape; a dataset must declare it fully in its element_spec."""
     if is_dataset(part):
-        spec = part.element_spec
-        shape = tuple(spec[0].shape)[1:]
-        return tuple(int(d) for d in shape if d is not None) if None not in shape else shape
+        return tuple(part.element_spec[0].shape)[1:]
     return tuple(np.asarray(part[0]).shape[1:])
 
 
