@@ -211,15 +211,15 @@ def test_bad_data_is_one_line_exit_1_and_no_run(tmp_path, case, expected):
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pb"))
 
 
-@pytest.mark.parametrize("process", [True, False])
+@pytest.mark.parametrize("backend", ["harness", "mlflow"])
 def test_both_trackers_log_dataset_inputs_with_their_context(tmp_path, tracking_uri, client,
-                                                             process):
+                                                             backend):
     from tfharness.config import TrackingConfig
     from tfharness.data import records
     from tfharness.tracking import make_tracker
 
     tracker = make_tracker(TrackingConfig(uri=tracking_uri, experiment="inputs",
-                                          process=process))
+                                          async_backend=backend))
     tracker.start("inputs", {}, {})
     record = records.split_record(label="table.csv/pretrain/train", base_digest="abc",
                                   selection=[1], source=records.local_source(tmp_path / "t.csv"),

@@ -19,7 +19,7 @@ import numpy as np
 
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
-from tfharness.tracking import runs
+from tfharness.tracking import runs, store
 from tfharness.tracking.base import Tracker, ending_of
 from tfharness.tracking.batches import log_params
 from tfharness.tracking.delivery import DeliveryRecord, DeliveryWorker
@@ -227,6 +227,13 @@ class MlflowTracker(Tracker):
         """
         if self.run_id is not None:
             self.finish_as(*ending_of(error))
+        elif self._connecting is not None:
+            # No run was opened (a bad config or data), but the store may be half created:
+            # exiting in the middle of MLflow's schema migration would leave a fresh SQLite
+            # store that no client can open. A server has nothing to corrupt: wait less.
+            waited = store.LOCK_TIMEOUT_S if store.sqlite_path(self.cfg.uri) else 10.0
+            self._connecting.join(timeout=waited)
+            self._connecting = None
 
     def finish_as(self, status: str, message: Optional[str]) -> None:
         """:meth:`finish` with the ending already worked out (see :func:`ending_of`)."""
