@@ -47,7 +47,8 @@ def _check_run(client, result, stages):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    assert metrics["reload/max_abs_diff"] == 0.0  # the latest: the fine-tuned model's
+    assert metrics["reload/finetuned/max_abs_diff"] == 0.0
+    assert metrics["reload/pretrained/max_abs_diff"] == 0.0
     assert result.metrics["reload/max_abs_diff@pretrained"] == 0.0
     assert result.metrics["reload/max_abs_diff@finetuned"] == 0.0
     assert metrics["finetune/frozen_weight_change_max"] == 0.0
