@@ -30,15 +30,23 @@ def tracking_uri(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_cfg(tmp_path: Path, tracking_uri: str) -> Callable:
-    """Composes the packaged config as the CLI would, pointed at tmp_path."""
+def make_cfg(tmp_path: Path, tracking_uri: str, request) -> Callable:
+    """Composes the packaged config as the CLI would, pointed at tmp_path.
+
+    Each run pretrains for itself (``pretrain_cache=off``) unless the overrides say otherwise
+    or the test is one of tests/test_pretrain_cache.py, which test the default, reuse.
+    """
+    cache = ([] if request.module.__name__.endswith("test_pretrain_cache")
+             else ["pretrain_cache=off"])
 
     def make(overrides: Sequence[str] = (), *, out: str = "out"):
+        given = any(str(o).startswith("pretrain_cache=") for o in overrides)
         return tfharness.compose([
             f"output_dir={tmp_path / out}",
             f"tracking.uri={tracking_uri}",
             f"checkpoint_root={tmp_path / 'checkpoints'}",
             "print_report=false",
+            *([] if given else cache),
             *overrides,
         ])
 

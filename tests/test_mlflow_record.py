@@ -20,8 +20,10 @@ import pytest
 from conftest import TINY_SYNTHETIC
 
 SWEPT = "finetune.learning_rate=0.01,0.001"
+# pretrain_cache=off: each child pretrains, so both have both models (tests/test_pretrain_cache.py
+# tests reuse).
 ARGS = ["-m", *TINY_SYNTHETIC, "print_report=false", "model.units=[4]", "trainer.epochs=2",
-        "finetune.epochs=3", SWEPT]
+        "finetune.epochs=3", "pretrain_cache=off", SWEPT]
 # Metrics drawn as curves: one point per epoch. Everything else is a one-off figure.
 CURVES = {f"{phase}/{name}" for phase in ("pretrain", "finetune")
           for name in ("loss", "accuracy", "val_loss", "val_accuracy")}

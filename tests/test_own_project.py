@@ -110,7 +110,9 @@ def project(tmp_path, monkeypatch, request):
 def compose(tmp_path, configs, overrides):
     return tfharness.compose([
         f"output_dir={tmp_path / 'out'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"checkpoint_root={tmp_path / 'checkpoints'}", "print_report=false", *overrides,
+        f"checkpoint_root={tmp_path / 'checkpoints'}", "print_report=false",
+        # Each test's runs pretrain for themselves (tests/test_pretrain_cache.py tests reuse).
+        "pretrain_cache=off", *overrides,
     ], config_dir=configs)
 
 
@@ -206,7 +208,8 @@ def test_early_stopping_records_its_epoch_and_a_resume_does_not_train_past_it(
 
 def example_command(*args, cwd=EXAMPLE, tmp):
     return subprocess.run(
-        [str(BIN / "tfharness"), *args, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        [str(BIN / "tfharness"), *args, "pretrain_cache=off",
+         f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
          f"checkpoint_root={tmp / 'checkpoints'}", f"hydra.run.dir={tmp / 'out'}",
          f"hydra.sweep.dir={tmp / 'multirun'}", "print_report=false"],
         cwd=cwd, capture_output=True, text=True, timeout=600,
