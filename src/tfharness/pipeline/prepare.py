@@ -21,6 +21,7 @@ from tfharness import models as model_lib
 from tfharness import sources as sources_lib
 from tfharness.artifacts import checkpoint as ckpt_lib
 from tfharness.artifacts import serialization
+from tfharness.config.targets import option_name
 from tfharness.config import HarnessConfig
 from tfharness.errors import ConfigError
 from tfharness.pipeline import data_record, distribute
@@ -230,7 +231,7 @@ def plan_freezes(cfg: HarnessConfig, model, source=None) -> List[set]:
     (the cut exists and everything after it hangs from it; a feature map gets pooling); a
     selector that matches nothing is an error listing the layers it could match.
     """
-    ft_lib.check_single_io(model, *(("model", cfg.model.name) if source is None else
+    ft_lib.check_single_io(model, *(("model", option_name(cfg.model)) if source is None else
                                     (sources_lib.source_key(cfg.source),
                                      source.artifact.location)))
     return ft_lib.plan(model, cfg.finetune) if cfg.finetune.enabled else []
