@@ -219,7 +219,7 @@ def example_command(*args, cwd=EXAMPLE, tmp):
 def test_the_example_project_runs_through_the_command(tmp_path):
     listed = subprocess.run([str(BIN / "tfharness"), "--config-dir", "configs", "--help"],
                             cwd=EXAMPLE, capture_output=True, text=True, timeout=60)
-    assert "model: cnn, mlp, tower" in listed.stdout
+    assert "model: cnn, keras_application, mlp, tower" in listed.stdout
     assert "data: blobs, csv, digits, image_folder, npz, synthetic, tfds" in listed.stdout
     done = example_command("--config-dir", "configs", "experiment=own", "trainer.epochs=3",
                            "finetune.epochs=2", "data.num_samples=120", tmp=tmp_path)
