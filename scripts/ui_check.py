@@ -147,10 +147,21 @@ def look(base: str, store: Path, shots: Path, chromium: str, checks: Checks) -> 
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     names = [c.info.run_name for c in children]
     checks.check("children's names differ", len(set(names)) == len(names) > 1, str(names))
+    # The default pretrain_cache=auto pretrains once per sweep: one child trains, the others
+    # reuse its pretrained model and say so.
+    trained = [c for c in children if c.data.tags.get("tfharness.pretrain") == "trained"]
+    reused = [c for c in children if c.data.tags.get("tfharness.pretrain") == "reused"]
+    checks.check("one child pretrained, the others reused it",
+                 len(trained) == 1 and len(reused) == len(children) - 1,
+                 f"trained {[c.info.run_name for c in trained]}, "
+                 f"reused {[c.info.run_name for c in reused]}")
     browser = Browser(chromium, free_port(), width=1600, height=1000)
     try:
         for step in (lambda: runs_page(browser, base, experiment, parent, names, shots, checks),
-                     lambda: run_pages(browser, base, experiment, children[0], shots, checks),
+                     lambda: run_pages(browser, base, experiment, (trained or children)[0],
+                                       shots, checks),
+                     lambda: reuse_page(browser, base, experiment, reused, trained, shots,
+                                        checks),
                      lambda: models_page(browser, base, experiment, children, shots, checks),
                      lambda: compare_page(browser, base, experiment, children, names, shots,
                                           checks)):
@@ -204,6 +215,19 @@ def run_pages(browser, base, experiment, child, shots, checks) -> None:
     browser.open(base + f"#/experiments/{experiment}/runs/{run_id}/artifacts")
     browser.wait_for_text("plots")
     checks.check("run artifacts hold plots/", True)
+
+
+def reuse_page(browser, base, experiment, reused, trained, shots, checks) -> None:
+    """A child that reused a pretraining names the run it came from on its overview page."""
+    if not reused or not trained:
+        raise AssertionError("no child reused a pretraining")
+    producer = trained[0].info.run_id
+    browser.open(base + f"#/experiments/{experiment}/runs/{reused[0].info.run_id}")
+    text = browser.wait_for_text("tfharness.pretrain_reused_from")
+    close_assistant(browser)
+    browser.screenshot(shots / "run_reused.png")
+    checks.check("a reusing child's page names the run whose pretraining it reused",
+                 producer in text, producer)
 
 
 def models_page(browser, base, experiment, children, shots, checks) -> None:
