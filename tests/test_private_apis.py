@@ -50,3 +50,20 @@ def test_model_log_honours_validate_serving_input(tmp_path, caplog):
     logged = client.get_logged_model(model_uri.split("/")[-1])
     assert logged.source_run_id == run.info.run_id
     assert logged.name == "m"
+
+
+def test_functional_graph_rerun_keeps_every_layer_in_place():
+    """data_record.with_preprocessing re-runs a functional model's graph (private
+    ``Functional._run_through_graph``): its layers stay flat, after the preprocessing."""
+    from types import SimpleNamespace
+
+    import keras
+
+    from tfharness.pipeline.data_record import with_preprocessing
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3, name="d1")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="d2")(hidden))
+    split = SimpleNamespace(preprocessing=lambda: [keras.layers.Rescaling(0.5, name="scale")])
+    wrapped = with_preprocessing(model, split)
+    assert [layer.name for layer in wrapped.layers] == ["features", "scale", "d1", "d2"]

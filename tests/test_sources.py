@@ -4,6 +4,7 @@ fine-tuned with a new head and a freeze; MLflow sources and lineage; the refusal
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -234,6 +235,10 @@ def test_registered_model_by_alias_continues_with_lineage_and_sha256(make_cfg, c
     assert "matches the record in MLflow" in second.source
     assert run.data.metrics["source/max_abs_diff"] == 0.0
     assert "pretrain/loss" not in run.data.metrics  # no pretraining from a source
+    # The source's class names, logged beside it, name its outputs in this run's report.
+    source_classes = json.loads(first_run.data.tags["tfharness.class_names.finetune"])
+    assert f"- pretrained output ({len(source_classes)} classes): " \
+           f"{', '.join(source_classes)}" in second.artifacts["report"].read_text()
     tuned = client.get_logged_model(second.model_uris["finetuned"].split("/")[-1])
     assert tuned.tags["tfharness.source_model_id"] == finetuned_id
     assert tuned.tags["tfharness.source"] == "models:/clf@champion"
@@ -243,6 +248,7 @@ def test_registered_model_by_alias_continues_with_lineage_and_sha256(make_cfg, c
         found = sources.resolve_mlflow(uri, client.tracking_uri, tmp_path / "dl")
         assert integrity.record_of(found.path).sha256 == first.digests["finetuned"], uri
         assert found.lineage["tfharness.source_run_id"] == first.run_id
+        assert found.class_names == source_classes, uri
 
 
 def test_lambda_is_refused_unless_allow_unsafe(artifacts, tmp_path):

@@ -70,29 +70,11 @@ def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
     """
     import tensorflow as tf
 
-    count = len(arrays[0])
     if pad_to_multiple > 1 and not shuffle:
-        pad = -count % pad_to_multiple
-        weights = np.concatenate([np.ones(count, "float32"), np.zeros(pad, "float32")])
-        arrays = tuple(np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in arrays)
-        arrays = (*arrays, weights)
-        count += pad
+        arrays = _padded_with_weights(arrays, pad_to_multiple)
     arrays = tuple(np.asarray(a) for a in arrays)
-    if shuffle and epochs is not None:
-        first, end = epochs
-        seed_tensor = tf.constant(seed, tf.int64)
-
-        def epoch_order(epoch):
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(count, dtype=tf.int64), seed=tf.stack([seed_tensor, epoch]))
-            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-
-        indices = tf.data.Dataset.range(first, end).flat_map(epoch_order)
-    else:
-        indices = tf.data.Dataset.range(count)
-        if shuffle:
-            indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-        indices = indices.batch(batch_size)
+    indices = _index_batches(len(arrays[0]), batch_size, shuffle=shuffle, seed=seed,
+                             epochs=epochs)
 
     def gather(index):
         return tuple(part[index] for part in arrays)
@@ -107,6 +89,38 @@ def make_dataset(arrays: Arrays, batch_size: int, *, shuffle: bool, seed: int,
     # A sequential map: a gather is cheap, prefetch overlaps it with training, and parallel
     # calls only compete with the training ops for the cores (measured slower on 2 cores).
     return indices.map(batch_of).prefetch(tf.data.AUTOTUNE)
+
+
+def _padded_with_weights(arrays: Arrays, multiple: int) -> Arrays:
+    """``arrays`` padded with copies of their first row up to a multiple of ``multiple``, and a
+    sample-weight array that is 1 for the real rows and 0 for the padding."""
+    count = len(arrays[0])
+    pad = -count % multiple
+    weights = np.concatenate([np.ones(count, "float32"), np.zeros(pad, "float32")])
+    padded = tuple(np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in arrays)
+    return (*padded, weights)
+
+
+def _index_batches(count: int, batch_size: int, *, shuffle: bool, seed: int,
+                   epochs: Optional[Tuple[int, int]]):
+    """A dataset of batches of sample indices: per-epoch stateless shuffles when ``epochs`` is
+    given (see ``make_dataset``), else one seeded shuffle reshuffled each iteration, or none."""
+    import tensorflow as tf
+
+    if shuffle and epochs is not None:
+        first, end = epochs
+        seed_tensor = tf.constant(seed, tf.int64)
+
+        def epoch_order(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(count, dtype=tf.int64), seed=tf.stack([seed_tensor, epoch]))
+            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+        return tf.data.Dataset.range(first, end).flat_map(epoch_order)
+    indices = tf.data.Dataset.range(count)
+    if shuffle:
+        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    return indices.batch(batch_size)
 
 
 def steps_per_epoch(arrays: Arrays, batch_size: int) -> int:

@@ -197,6 +197,16 @@ def split_record(*, label: str, base_digest: str, selection,
         profile=json.dumps({k: v for k, v in profile.items() if v is not None}))
 
 
+def read_class_names(path: Path) -> Optional[List[str]]:
+    """The names a ``class_names.json`` written by ``write_class_names`` holds; None when the
+    file is absent or holds no list of names."""
+    try:
+        names = json.loads(Path(path).read_text()).get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
 def write_class_names(path: Path, names: Sequence[str]) -> Path:
     """Writes ``{"class_names": [...]}`` to ``path`` (the artifact logged beside a model)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,9 @@ def log_data(ctx: RunContext) -> None:
 def class_names_of(ctx: RunContext, stem: str) -> Optional[List[str]]:
     """The names of the outputs of model ``stem``: what the data's labels index."""
     if stem == "pretrained" and ctx.source is not None:
-        return None  # a loaded model's outputs mean what they meant where it was trained
+        # A loaded model's outputs mean what they meant where it was trained: the names logged
+        # beside it there, if any.
+        return ctx.source.artifact.class_names
     phase = "finetune" if stem == "finetuned" else "pretrain"
     return ctx.description.class_names.get(phase)
 
@@ -104,7 +106,9 @@ def with_preprocessing(model, split):
     for layer in layers:
         x = layer(x)
     try:
-        # Not public API: Functional's own graph walk, reusing each layer on the new input.
+        # private: Functional's own graph walk, reusing each layer on the new input; no public
+        # API re-runs a graph on a new input and keeps its layers flat (calling the model nests
+        # it as one layer, which the fallback does). tests/test_private_apis.py fails when it moves.
         outputs = model._run_through_graph(x, operation_fn=lambda op: op)
     except Exception:  # noqa: BLE001 - another Keras: nest the model instead
         outputs = model(x)

@@ -43,7 +43,7 @@ import numpy as np
 from tfharness.artifacts import integrity, serialization
 from tfharness.models.applications import register_layers
 from tfharness.config import MlflowSourceConfig, PathSourceConfig, SourceConfig
-from tfharness.data.records import CLASS_NAMES_FILE
+from tfharness.data.records import CLASS_NAMES_FILE, read_class_names
 from tfharness.errors import ConfigError, SourceError, VerificationError
 
 HARNESS_SAVEDMODEL = "tfharness-savedmodel"
@@ -72,6 +72,8 @@ class SourceArtifact:
     expected_sha256: Optional[str] = None
     # Tags that link the run and its models to where they came from.
     lineage: Dict[str, str] = field(default_factory=dict)
+    # What the model's outputs index, when it was logged with class_names.json beside it.
+    class_names: Optional[List[str]] = None
 
 
 @dataclass
@@ -138,63 +140,78 @@ def resolve_mlflow(uri: str, tracking_uri: str, workdir: Path) -> SourceArtifact
 
     client = mlflow.MlflowClient(tracking_uri)
     lineage: Dict[str, str] = {}
-    model_id: Optional[str] = None
     try:
         if uri.startswith("models:/"):
-            rest = uri[len("models:/"):]
-            version = None
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
-            elif "/" in rest:
-                name, number = rest.split("/", 1)
-                version = client.get_model_version(name, number)
-            else:
-                model_id = rest
-            if version is not None:
-                lineage["tfharness.source_registered_model"] = f"{version.name}/{version.version}"
-                model_id = version.model_id
-                # Registered from "models:/<model_id>", a version may name it only in source.
-                if model_id is None and (version.source or "").startswith("models:/m-"):
-                    model_id = version.source[len("models:/"):].split("/")[0]
-                if version.run_id:
-                    lineage["tfharness.source_run_id"] = version.run_id
-                if model_id is None:
-                    raise SourceError(f"source.uri={uri!r}: version {version.version} of "
-                                      f"{version.name} points at {version.source}, not at an "
-                                      f"MLflow logged model.")
+            model_id = _models_uri_model_id(client, uri, lineage)
         else:
-            run_id, name = uri[len("runs:/"):].split("/", 1)
-            run = client.get_run(run_id)
-            lineage["tfharness.source_run_id"] = run_id
-            found = client.search_logged_models(
-                [run.info.experiment_id],
-                filter_string=f"source_run_id='{run_id}' AND name='{name}'")
-            if found:
-                model_id = found[0].model_id
-            else:
-                # Not a logged model: a plain artifact of the run (a .keras file, a directory,
-                # a model folder an older MLflow logged into the run's artifacts).
-                local = Path(mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=name, dst_path=str(workdir),
-                    tracking_uri=tracking_uri))
-                return (_flavor_artifact(local, uri, lineage) if local.is_dir() else None) \
-                    or SourceArtifact(local, uri, None, lineage)
+            model_id = _runs_uri_model_id(client, uri, lineage)
+            if model_id is None:
+                return _run_artifact(uri, tracking_uri, workdir, lineage)
         logged = client.get_logged_model(model_id)
-    except MlflowException as exc:
-        raise _mlflow_error(uri, exc) from exc
-    lineage["tfharness.source_model_id"] = logged.model_id
-    if logged.source_run_id:
-        lineage["tfharness.source_run_id"] = logged.source_run_id
-    try:
+        lineage["tfharness.source_model_id"] = logged.model_id
+        if logged.source_run_id:
+            lineage["tfharness.source_run_id"] = logged.source_run_id
         local = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=logged.artifact_location, dst_path=str(workdir / logged.model_id),
             tracking_uri=tracking_uri))
     except MlflowException as exc:
         raise _mlflow_error(uri, exc) from exc
-    flavored = _flavor_artifact(local, uri, lineage)
-    if flavored is not None:
-        return flavored
+    return _flavor_artifact(local, uri, lineage) or _tfharness_artifact(local, uri, logged,
+                                                                          lineage)
+
+
+def _models_uri_model_id(client, uri: str, lineage: Dict[str, str]) -> str:
+    """The logged model a ``models:/<id>``, ``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>`` URI names; a registered version's name and run go to ``lineage``."""
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in rest:
+        name, number = rest.split("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        return rest
+    lineage["tfharness.source_registered_model"] = f"{version.name}/{version.version}"
+    model_id = version.model_id
+    # Registered from "models:/<model_id>", a version may name it only in source.
+    if model_id is None and (version.source or "").startswith("models:/m-"):
+        model_id = version.source[len("models:/"):].split("/")[0]
+    if version.run_id:
+        lineage["tfharness.source_run_id"] = version.run_id
+    if model_id is None:
+        raise SourceError(f"source.uri={uri!r}: version {version.version} of "
+                          f"{version.name} points at {version.source}, not at an "
+                          f"MLflow logged model.")
+    return model_id
+
+
+def _runs_uri_model_id(client, uri: str, lineage: Dict[str, str]) -> Optional[str]:
+    """The logged model named ``<name>`` of run ``<run_id>`` in ``runs:/<run_id>/<name>``; None
+    when the run logged no model by that name (then it names a plain artifact)."""
+    run_id, name = uri[len("runs:/"):].split("/", 1)
+    run = client.get_run(run_id)
+    lineage["tfharness.source_run_id"] = run_id
+    found = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id='{run_id}' AND name='{name}'")
+    return found[0].model_id if found else None
+
+
+def _run_artifact(uri: str, tracking_uri: str, workdir: Path,
+                  lineage: Dict[str, str]) -> SourceArtifact:
+    """A plain artifact of a run (a .keras file, a directory, a model folder an older MLflow
+    logged into the run's artifacts)."""
+    import mlflow
+
+    run_id, name = uri[len("runs:/"):].split("/", 1)
+    local = Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=name, dst_path=str(workdir), tracking_uri=tracking_uri))
+    return (_flavor_artifact(local, uri, lineage) if local.is_dir() else None) \
+        or SourceArtifact(local, uri, None, lineage)
+
+
+def _tfharness_artifact(local: Path, uri: str, logged, lineage: Dict[str, str]) -> SourceArtifact:
+    """The one saved model under ``artifacts/`` of a model tfharness logged."""
     inside = local / "artifacts"
     # Beside the model: its sha256 record and the class names its outputs index.
     candidates = sorted(p for p in inside.iterdir()
@@ -206,7 +223,8 @@ def resolve_mlflow(uri: str, tracking_uri: str, workdir: Path) -> SourceArtifact
                           f"logged by mlflow.keras or mlflow.tensorflow: expected one saved "
                           f"model under artifacts/ or a keras/tensorflow flavor in MLmodel, "
                           f"found {found}.")
-    return SourceArtifact(candidates[0], uri, logged.tags.get(SHA256_TAG), lineage)
+    return SourceArtifact(candidates[0], uri, logged.tags.get(SHA256_TAG), lineage,
+                          class_names=read_class_names(inside / CLASS_NAMES_FILE))
 
 
 # MLflow's own Keras flavors, in the order they are looked for in an MLmodel file.
@@ -355,9 +373,6 @@ def block_class():
     if _BLOCK_CLASS is not None:
         return _BLOCK_CLASS
     import keras
-    # private: no public API says if the load in progress is in safe mode (tested in
-    # tests/test_private_apis.py); from_config needs it.
-    from keras.src.saving import serialization_lib
 
     @keras.saving.register_keras_serializable(package="tfharness")
     class SavedModelBlock(keras.layers.TFSMLayer):
@@ -380,6 +395,9 @@ def block_class():
 
         def _add_existing_weight(self, weight):
             # Share the SavedModel's own variable (the function reads it), under its own name.
+            # private: TFSMLayer's _add_existing_weight hook and Layer._track_variable are the
+            # only way to name a TFSMLayer's weights; the opaque-source tests in
+            # tests/test_sources.py freeze and restore them by these names, and fail when it moves.
             variable = keras.Variable(initializer=weight, trainable=weight.trainable,
                                       dtype=weight.dtype, shape=weight.shape,
                                       name=weight.name.split(":")[0].replace("/", "_"))
@@ -398,13 +416,7 @@ def block_class():
 
         @classmethod
         def from_config(cls, config, custom_objects=None, safe_mode=None):
-            path = str(Path(config["filepath"]).resolve())
-            safe = safe_mode if safe_mode is not None else serialization_lib.in_safe_mode()
-            if path not in _TRUSTED_BLOCK_PATHS and safe is not False:
-                raise SourceError(
-                    f"This model contains an opaque SavedModel block loaded from {path}, which "
-                    f"runs that SavedModel's graph and was not named as this run's source; "
-                    f"{_UNSAFE_HINT}.")
+            _check_block_trusted(config["filepath"], safe_mode)
             return cls(**config)
 
     _BLOCK_CLASS = SavedModelBlock
@@ -412,6 +424,22 @@ def block_class():
 
 
 _BLOCK_CLASS = None
+
+
+def _check_block_trusted(filepath: str, safe_mode: Optional[bool]) -> None:
+    """Refuses to rebuild an opaque SavedModel block from a path this run did not name as its
+    source, unless the load is unsafe (``safe_mode=False``, ``source.allow_unsafe``)."""
+    # private: no public API says if the load in progress is in safe mode (tested in
+    # tests/test_private_apis.py); from_config needs it.
+    from keras.src.saving import serialization_lib
+
+    path = str(Path(filepath).resolve())
+    safe = safe_mode if safe_mode is not None else serialization_lib.in_safe_mode()
+    if path not in _TRUSTED_BLOCK_PATHS and safe is not False:
+        raise SourceError(
+            f"This model contains an opaque SavedModel block loaded from {path}, which "
+            f"runs that SavedModel's graph and was not named as this run's source; "
+            f"{_UNSAFE_HINT}.")
 
 
 def block_variable_name(variable) -> str:
@@ -479,70 +507,25 @@ def load_source(cfg: SourceConfig, *, tracking_uri: str, workdir: Path,
         probe: a batch of the run's data to check output parity on.
         atol: the largest output difference accepted (``save_format.verify_atol``).
     """
-    import tensorflow as tf
-
     key, shown = source_key(cfg), source_location(cfg)
     input_shape = tuple(input_shape)
     start = time.perf_counter()
     artifact = resolve(cfg, tracking_uri, workdir)
-    record = integrity.verify(artifact.path, expected=artifact.expected_sha256)
-    has_record = artifact.expected_sha256 is not None or integrity.read_record(
-        artifact.path) is not None
-    checked = (f"{record.sha256} (matches the record "
-               f"{'in MLflow' if artifact.expected_sha256 else 'beside the artifact'})"
-               if has_record else f"{record.sha256} (no record to check against)")
+    checked = _integrity_line(artifact)
     kind = detect_kind(artifact.path, key)
     parity, against, block_variables = None, None, []
     if kind == HARNESS_SAVEDMODEL:
-        block_class()  # a tfharness SavedModel may hold a fine-tuned opaque block
-        # private: the one way to load in (un)safe mode for this load only: the rebuild goes
-        # through keras.models.model_from_json, which takes no safe_mode, and the public
-        # keras.config.enable_unsafe_deserialization() is global and cannot be undone.
-        # tests/test_private_apis.py fails when it moves.
-        from keras.src.saving.serialization_lib import SafeModeScope
-
-        try:
-            # Only a fine-tuned opaque block needs this: it loads the SavedModel it came from.
-            with SafeModeScope(not cfg.allow_unsafe):
-                model, loaded = serialization.load_savedmodel(artifact.path)
-        except SourceError:
-            raise
-        except Exception as exc:
-            raise SourceError(f"{key}={shown!r} could not be loaded as a tfharness SavedModel: "
-                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-        # Trusted once by source.allow_unsafe: the run's own saves reload these blocks again.
-        _TRUSTED_BLOCK_PATHS.update(layer.filepath for layer in model.layers
-                                    if isinstance(layer, block_class()))
-        _check_input_shape(model, input_shape, shown, key)
-        served = loaded.signatures["serving_default"](tf.constant(probe))
-        parity = serialization.check_outputs(next(iter(served.values())),
-                                             model(probe, training=False), atol, shown)
-        against = "its serving_default signature"
+        model, parity, against = _load_harness_savedmodel(artifact.path, cfg, probe, atol,
+                                                          input_shape, shown, key)
     elif kind in (KERAS_FILE, H5_FILE):
         model = _load_keras_file(artifact.path, cfg.allow_unsafe, key, shown)
         _check_input_shape(model, input_shape, shown, key)
     elif kind == LEGACY_SAVEDMODEL:
-        with tempfile.TemporaryDirectory(prefix="tfharness-legacy-") as tmp:
-            h5, reference = _convert_legacy(artifact.path, probe, Path(tmp), shown, key)
-            model = _load_keras_file(h5, cfg.allow_unsafe, key, shown)
-        _check_input_shape(model, input_shape, shown, key)
-        if not bool(reference["has_outputs"]):
-            raise SourceError(f"{key}={shown!r}: tf_keras could not run the legacy model on the "
-                              f"run's data to check the conversion.")
-        parity = serialization.check_outputs(reference["y"], model(probe, training=False), atol,
-                                             f"{shown} (converted from Keras 2)")
-        against = "the Keras 2 model itself (tf_keras)"
+        model, parity, against = _load_legacy_savedmodel(artifact.path, cfg, probe, atol,
+                                                         input_shape, shown, key)
     else:
-        model, loaded, endpoint = _load_opaque(artifact.path, cfg, input_shape, shown, key)
-        function = getattr(loaded, endpoint, None) or loaded.signatures[endpoint]
-        direct = function(tf.constant(probe))
-        if isinstance(direct, dict):
-            direct = next(iter(direct.values()))
-        parity = serialization.check_outputs(direct, model(probe, training=False), atol, shown)
-        against = f"the SavedModel's '{endpoint}' function"
-        block = model.layers[-1]
-        block_variables = [{"name": block_variable_name(v), "shape": str(tuple(v.shape)),
-                            "trainable": bool(v.trainable)} for v in block.weights]
+        model, parity, against, block_variables = _load_opaque_checked(
+            artifact.path, cfg, probe, atol, input_shape, shown, key)
     if kind != OPAQUE_SAVEDMODEL and cfg.freeze_variables:
         raise ConfigError("source.freeze_variables", list(cfg.freeze_variables),
                           f"[] for a {kind} source, whose layers are kept: freeze layers with "
@@ -552,6 +535,83 @@ def load_source(cfg: SourceConfig, *, tracking_uri: str, workdir: Path,
                         load_seconds=time.perf_counter() - start, integrity=checked,
                         parity_max_abs_diff=parity, parity_against=against,
                         block_variables=block_variables)
+
+
+def _integrity_line(artifact: SourceArtifact) -> str:
+    """The artifact's sha256, checked against its record in MLflow or beside it when one exists."""
+    record = integrity.verify(artifact.path, expected=artifact.expected_sha256)
+    has_record = artifact.expected_sha256 is not None or integrity.read_record(
+        artifact.path) is not None
+    if not has_record:
+        return f"{record.sha256} (no record to check against)"
+    where = "in MLflow" if artifact.expected_sha256 else "beside the artifact"
+    return f"{record.sha256} (matches the record {where})"
+
+
+def _load_harness_savedmodel(path: Path, cfg: SourceConfig, probe: np.ndarray, atol: float,
+                             input_shape: Tuple[int, ...], shown: str, key: str):
+    """A SavedModel tfharness exported (the Keras model rebuilt from it), checked against its
+    own serving signature: ``(model, parity, against)``."""
+    import tensorflow as tf
+
+    block_class()  # a tfharness SavedModel may hold a fine-tuned opaque block
+    # private: the one way to load in (un)safe mode for this load only: the rebuild goes
+    # through keras.models.model_from_json, which takes no safe_mode, and the public
+    # keras.config.enable_unsafe_deserialization() is global and cannot be undone.
+    # tests/test_private_apis.py fails when it moves.
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    try:
+        # Only a fine-tuned opaque block needs this: it loads the SavedModel it came from.
+        with SafeModeScope(not cfg.allow_unsafe):
+            model, loaded = serialization.load_savedmodel(path)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{key}={shown!r} could not be loaded as a tfharness SavedModel: "
+                          f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    # Trusted once by source.allow_unsafe: the run's own saves reload these blocks again.
+    _TRUSTED_BLOCK_PATHS.update(layer.filepath for layer in model.layers
+                                if isinstance(layer, block_class()))
+    _check_input_shape(model, input_shape, shown, key)
+    served = loaded.signatures["serving_default"](tf.constant(probe))
+    parity = serialization.check_outputs(next(iter(served.values())),
+                                         model(probe, training=False), atol, shown)
+    return model, parity, "its serving_default signature"
+
+
+def _load_legacy_savedmodel(path: Path, cfg: SourceConfig, probe: np.ndarray, atol: float,
+                            input_shape: Tuple[int, ...], shown: str, key: str):
+    """A Keras 2 SavedModel, converted through tf_keras and checked against the Keras 2 model's
+    own outputs: ``(model, parity, against)``."""
+    with tempfile.TemporaryDirectory(prefix="tfharness-legacy-") as tmp:
+        h5, reference = _convert_legacy(path, probe, Path(tmp), shown, key)
+        model = _load_keras_file(h5, cfg.allow_unsafe, key, shown)
+    _check_input_shape(model, input_shape, shown, key)
+    if not bool(reference["has_outputs"]):
+        raise SourceError(f"{key}={shown!r}: tf_keras could not run the legacy model on the "
+                          f"run's data to check the conversion.")
+    parity = serialization.check_outputs(reference["y"], model(probe, training=False), atol,
+                                         f"{shown} (converted from Keras 2)")
+    return model, parity, "the Keras 2 model itself (tf_keras)"
+
+
+def _load_opaque_checked(path: Path, cfg: SourceConfig, probe: np.ndarray, atol: float,
+                         input_shape: Tuple[int, ...], shown: str, key: str):
+    """A SavedModel with no Keras model inside, wrapped as one block and checked against the
+    function it calls: ``(model, parity, against, block_variables)``."""
+    import tensorflow as tf
+
+    model, loaded, endpoint = _load_opaque(path, cfg, input_shape, shown, key)
+    function = getattr(loaded, endpoint, None) or loaded.signatures[endpoint]
+    direct = function(tf.constant(probe))
+    if isinstance(direct, dict):
+        direct = next(iter(direct.values()))
+    parity = serialization.check_outputs(direct, model(probe, training=False), atol, shown)
+    block = model.layers[-1]
+    block_variables = [{"name": block_variable_name(v), "shape": str(tuple(v.shape)),
+                        "trainable": bool(v.trainable)} for v in block.weights]
+    return model, parity, f"the SavedModel's '{endpoint}' function", block_variables
 
 
 def frozen_block_variables(model) -> List[Tuple[str, np.ndarray]]:
