@@ -150,3 +150,28 @@ def write_csv(path: Path, rows: int = 60, *, seed: int = 0, labels=("setosa", "v
         lines.append(",".join(f"{v:.3f}" for v in values) + f",row{i},{labels[k]}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Opt-in CPU accounting (``TFHARNESS_TEST_CPU=<file>``): appends each test's CPU seconds
+    (setup, call and teardown; its own and its waited-for child processes') to ``<file>``: on a
+    2-core machine the suite's time is bounded by its CPU."""
+    out = os.environ.get("TFHARNESS_TEST_CPU")
+    if not out:
+        return (yield)
+    import json
+    import resource
+
+    def cpu() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    start, wall = cpu(), time.time()
+    try:
+        return (yield)
+    finally:
+        with open(out, "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "cpu": round(cpu() - start, 2),
+                                "wall": round(time.time() - wall, 2)}) + "\n")
