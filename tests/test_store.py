@@ -97,3 +97,33 @@ def test_broken_tracking_uris_are_one_line_exit_1_and_no_run(tmp_path, backend):
         assert not list(Path(tmp_path / "ckpt").glob("*/state.json"))
         assert not (tmp_path / "out" / "models").exists() or not any(
             (tmp_path / "out" / "models").iterdir())
+
+
+def test_a_run_that_fails_before_its_store_is_opened_never_creates_it(tmp_path):
+    """The tracker lets go of a store its connect thread has not begun to open: that thread
+    then creates nothing; one that began is waited for (the store is complete, never half
+    made)."""
+    from tfharness.config import TrackingConfig
+    from tfharness.tracking.runs import ConnectAbandoned
+    from tfharness.tracking.tracker import MlflowTracker
+
+    db = tmp_path / "never.db"
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{db}"))
+    tracker._may_open = False  # what finish() sets when no run opened
+    tracker.connect()
+    assert isinstance(tracker._connect_error, ConnectAbandoned)
+    assert not db.exists()
+
+    opened = tmp_path / "opened.db"
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{opened}"))
+    tracker.connect_meanwhile()
+    thread = tracker._connecting
+    tracker.finish(ValueError("bad data"))
+    if tracker._opening:  # it had begun: finish waited for the whole store
+        assert not thread.is_alive()
+        import mlflow
+
+        assert mlflow.MlflowClient(f"sqlite:///{opened}").get_experiment_by_name("tfharness")
+    else:
+        thread.join(60)
+        assert not opened.exists()

@@ -132,6 +132,34 @@ def split_config_dir(args: Sequence[str]) -> tuple:
     return config_dir, rest
 
 
+# Threads that load what a run needs while it checks its input (see tfharness.pipeline.prepare
+# and tfharness.tracking.tracker); a run that failed before it needed them leaves them behind.
+LOADING_THREADS = ("tfharness-import-tensorflow", "tfharness-mlflow-connect")
+
+
+def exit_now(code) -> None:
+    """Exits with ``code`` at once when a loading thread is still importing TensorFlow or MLflow
+    (a bad input found while they load); returns otherwise.
+
+    The interpreter's normal shutdown would first wait for those imports and can crash while
+    a thread is inside one; ``os._exit`` ends the process without it, once the error is written
+    and the logs flushed. A connect thread that began to create the store is not among them:
+    the tracker waited for it before the run let go (tracker.finish).
+    """
+    import threading
+
+    if code in (None, 0) or not any(t.is_alive() and t.name in LOADING_THREADS
+                                    for t in threading.enumerate()):
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 1)
+
+
 def main() -> None:
     """Entry point of the ``tfharness`` command and ``python -m tfharness``."""
     args = sys.argv[1:]
@@ -159,10 +187,15 @@ def main() -> None:
         sys.stdout.write(text)
         return
     from tfharness import sweeps
+    from tfharness.pipeline import ending
 
     sweeps.ACTIVE = None
+    ending.LEAVE_IMPORTS_RUNNING = True
     try:
         _hydra_main()
+    except SystemExit as exiting:
+        exit_now(exiting.code)
+        raise
     except RunInterrupted as interrupted:
         # The run is already KILLED in MLflow with its checkpoint kept (see runner.run).
         sys.stderr.write(f"tfharness: {interrupted}; the run is KILLED, its checkpoint kept: "

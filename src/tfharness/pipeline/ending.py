@@ -19,6 +19,12 @@ class Ending:
         self.ckpt = None  # tfharness.artifacts.checkpoint.RunCheckpoints
 
 
+# Set by the command line, which leaves through ``os._exit`` when a run fails while TensorFlow
+# or MLflow still load on their threads (tfharness.cli.exit_now): a bad input then answers at
+# once instead of after the imports it no longer needs.
+LEAVE_IMPORTS_RUNNING = False
+
+
 @contextlib.contextmanager
 def run_ending(tracker, importer: Optional[threading.Thread], held=None) -> Iterator[Ending]:
     """Ends the run the block runs, however the block ends.
@@ -45,9 +51,10 @@ def run_ending(tracker, importer: Optional[threading.Thread], held=None) -> Iter
             held.release()
         if not delivering:
             tracker.finish(error)
-        if importer is not None:
+        if importer is not None and not LEAVE_IMPORTS_RUNNING:
             # Exiting while TensorFlow still loads on another thread can crash the
-            # interpreter's shutdown: let the import end first.
+            # interpreter's shutdown: let the import end first (the CLI does not exit through
+            # that shutdown, see LEAVE_IMPORTS_RUNNING).
             importer.join()
         if isinstance(error, RunInterrupted) and ending.ckpt is not None:
             log.warning("Run %s interrupted by %s: marked KILLED; its checkpoint is kept in %s; "

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
@@ -35,15 +35,25 @@ class Store:
     spooled: bool = False  # the spool store, standing in for an unreachable server
 
 
-def connect(cfg: TrackingConfig, own_retries: bool) -> Store:
+class ConnectAbandoned(Exception):
+    """The caller let go of the tracker before its store was opened (see :func:`connect`)."""
+
+
+def connect(cfg: TrackingConfig, own_retries: bool,
+            may_open: Optional[Callable[[], bool]] = None) -> Store:
     """Imports MLflow and opens ``cfg.uri`` and ``cfg.experiment`` (created if missing): the
     slow part of opening a run (seconds: imports, the database schema check).
 
     With ``own_retries`` the caller retries unreachable calls itself, and MLflow's HTTP retries
     (minutes, with backoff) are switched off unless the user set them, as they would only hold
-    the caller's queue behind one call.
+    the caller's queue behind one call. ``may_open``, asked once MLflow is imported and before
+    the store is touched, returns False when the caller no longer wants it: then nothing is
+    opened or created and :class:`ConnectAbandoned` is raised.
     """
     import mlflow  # noqa: F401
+
+    if may_open is not None and not may_open():
+        raise ConnectAbandoned(cfg.uri)
 
     if own_retries and cfg.uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

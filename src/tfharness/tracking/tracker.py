@@ -55,6 +55,11 @@ class MlflowTracker(Tracker):
         self._store: Optional[runs.Store] = None
         self._connect_error: Optional[Exception] = None
         self._connecting: Optional[threading.Thread] = None
+        # Whether the connect thread may still open the store, and whether it has begun to:
+        # a run that fails before it opens lets go at once unless the store is being created.
+        self._opening_gate = threading.Lock()
+        self._may_open = True
+        self._opening = False
         self._worker: Optional[DeliveryWorker] = None
         # What log_model was asked for: a spooled run's models are logged again by the sync.
         self.model_specs: List[ModelSpec] = []
@@ -66,9 +71,15 @@ class MlflowTracker(Tracker):
         if self._store is not None or self._connect_error is not None:
             return
         try:
-            self._store = runs.connect(self.cfg, own_retries=self.retries_itself)
+            self._store = runs.connect(self.cfg, own_retries=self.retries_itself,
+                                       may_open=self._begin_opening)
         except Exception as exc:
             self._connect_error = exc
+
+    def _begin_opening(self) -> bool:
+        with self._opening_gate:
+            self._opening = self._may_open
+            return self._may_open
 
     def connect_meanwhile(self) -> None:
         """Starts :meth:`connect` on a thread, while this process loads data and TensorFlow;
@@ -228,11 +239,16 @@ class MlflowTracker(Tracker):
         if self.run_id is not None:
             self.finish_as(*ending_of(error))
         elif self._connecting is not None:
-            # No run was opened (a bad config or data), but the store may be half created:
-            # exiting in the middle of MLflow's schema migration would leave a fresh SQLite
-            # store that no client can open. A server has nothing to corrupt: wait less.
-            waited = store.LOCK_TIMEOUT_S if store.sqlite_path(self.cfg.uri) else 10.0
-            self._connecting.join(timeout=waited)
+            # No run was opened (a bad config or data). A connect thread that has not begun to
+            # open the store never will; one that has may be creating it: exiting in the
+            # middle of MLflow's schema migration would leave a fresh SQLite store that no
+            # client can open. A server has nothing to corrupt: wait less.
+            with self._opening_gate:
+                self._may_open = False
+                opening = self._opening
+            if opening:
+                waited = store.LOCK_TIMEOUT_S if store.sqlite_path(self.cfg.uri) else 10.0
+                self._connecting.join(timeout=waited)
             self._connecting = None
 
     def finish_as(self, status: str, message: Optional[str]) -> None:
