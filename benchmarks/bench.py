@@ -449,7 +449,7 @@ def cache_lines(results: dict) -> list:
              f"`pretrain/train_seconds` summed; in runs, the trials' MLflow runs from start to "
              f"end, summed (the wall less the sweep's start and end and each job's preparation "
              f"before its run opens). One run each (1-minute load average {load:.1f} after, on "
-             f"a shared machine).", "",
+             f"{os.cpu_count()} cores).", "",
              "| workload | pretrain_cache | wall s | in runs s | trials pretrained | pretrain s | "
              "fine-tune s |", "|---|---|---|---|---|---|---|"]
     for name, modes in results.items():

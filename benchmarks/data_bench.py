@@ -186,14 +186,14 @@ def csv(root: Path, repeats: int, timed, prepare_store) -> dict:
 
 def section(image_results: dict | None, csv_results: dict | None, repeats: int,
             verdict, load: tuple = ()) -> list:
-    busy = (f" The machine was shared: 1-minute load average {load[0]:.1f} before and "
-            f"{load[1]:.1f} after, on {os.cpu_count()} cores; alternating the ways spreads "
-            f"that over both." if load else "")
+    busy = (f" 1-minute load average {load[0]:.1f} before and {load[1]:.1f} after, on "
+            f"{os.cpu_count()} cores; alternating the ways spreads a busy moment over both."
+            if load else "")
     lines = [SECTION, "",
              f"Median of {repeats} alternated runs each; wall is the whole process, start to "
-             f"exit; CPU is the user + system time of the process and the helpers it waited "
-             f"for (its tracking process); peak memory is the sum of the peak RSS of the "
-             f"process and its helpers."
+             f"exit; CPU is the user + system time of the process and the child processes it "
+             f"waited for; peak memory is the sum of the peak RSS of the process and its "
+             f"children."
              + busy]
     if image_results:
         work = IMAGES
