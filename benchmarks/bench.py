@@ -74,7 +74,11 @@ WORKLOADS = {
 }
 TINY = ["data=synthetic", "data.shape=[16]", "data.num_samples=60", "data.finetune_num_samples=40",
         "data.num_classes=4", "data.finetune_num_classes=3", "finetune.head.num_classes=3",
-        "model.units=[8]", "trainer.epochs=1", "finetune.epochs=1", "print_report=false"]
+        "model.units=[8]", "trainer.epochs=1", "finetune.epochs=1", "print_report=false",
+        "pretrain_cache=off"]
+# Repeated runs of one config in one store would reuse the first one's pretraining (the default
+# pretrain_cache=auto): a benchmark that compares each run's work against plain Keras turns it off.
+EVERY_RUN_PRETRAINS = ["pretrain_cache=off"]
 
 
 def _descendant_peaks(root: int, peaks: dict) -> None:
@@ -176,7 +180,8 @@ def compare(name: str, work: dict, repeats: int, root: Path) -> dict:
         "autolog": [sys.executable, str(HERE / "plain_keras.py"), "--workload", plain_json,
                     "--autolog", "--tracking-uri", autolog_uri, "--metrics-out",
                     str(metrics_file)],
-        "harness": [str(BIN / "tfharness"), *work["overrides"], f"tracking.uri={harness_uri}"],
+        "harness": [str(BIN / "tfharness"), *work["overrides"], *EVERY_RUN_PRETRAINS,
+                    f"tracking.uri={harness_uri}"],
     }
     ways = {way: command for way, command in ways.items() if way in work.get("ways", ways)}
     samples = {way: [] for way in ways}
@@ -509,7 +514,7 @@ def tracking_variants(root: Path, rounds: int) -> dict:
                 uri = f"sqlite:///{folder / (workload.split()[0] + '-' + variant.split()[0])}.db"
                 prepare_store(uri, "tfharness")
                 measured = timed([str(BIN / "tfharness"), *overrides, *switches,
-                                  f"tracking.uri={uri}"], folder)
+                                  *EVERY_RUN_PRETRAINS, f"tracking.uri={uri}"], folder)
                 samples[(workload, variant)].append(measured)
                 print(f"  round {number + 1} {workload} / {variant}: {measured['wall']:.2f} s "
                       f"wall, {measured['cpu']:.2f} s CPU, {measured['total_rss_mib']:.0f} MiB, "

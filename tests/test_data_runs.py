@@ -234,3 +234,33 @@ def test_both_trackers_log_dataset_inputs_with_their_context(tmp_path, tracking_
     assert [(i.dataset.name, i.tags[0].key, i.tags[0].value) for i in inputs] == [
         ("table.csv/pretrain/train", "mlflow.data.context", "pretrain")]
     assert json.loads(inputs[0].dataset.profile) == {"num_rows": 10, "num_classes": 2}
+
+
+def test_a_missing_image_folder_is_reported_while_tensorflow_still_imports(tmp_path):
+    """image_folder indexes its files before its first use of TensorFlow
+    (``@waits_for_tensorflow``), and a run that fails before it used Keras does not wait for
+    Keras to put a dtype policy back: with the command line's ending (it leaves through
+    os._exit then), the error comes while TensorFlow still imports on its thread, and no store
+    is created."""
+    script = (
+        "import sys, threading\n"
+        "import tfharness\n"
+        "from tfharness.errors import DataError\n"
+        "from tfharness.pipeline import ending\n"
+        "ending.LEAVE_IMPORTS_RUNNING = True  # as the command line does\n"
+        f"cfg = tfharness.compose(['data=image_folder', 'data.pretrain_dir={tmp_path / 'nowhere'}',"
+        f" 'tracking.uri=sqlite:///{tmp_path / 'm.db'}', 'output_dir={tmp_path / 'out'}'])\n"
+        "try:\n"
+        "    tfharness.run(cfg)\n"
+        "except DataError as error:\n"
+        "    alive = [t.name for t in threading.enumerate() if t.is_alive()]\n"
+        "    print('importing' if 'tfharness-import-tensorflow' in alive else 'imported')\n"
+        "    print(error)\n"
+        "import os; sys.stdout.flush(); os._exit(0)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, message = result.stdout.splitlines()[:2]
+    assert first == "importing", result.stdout
+    assert "data.pretrain_dir" in message and "an existing folder" in message
+    assert not (tmp_path / "m.db").exists()

@@ -22,4 +22,6 @@ from tfharness.data.split import (  # noqa: F401
     phase_split,
     probe_features,
     split_arrays,
+    tensorflow_ready,
+    waits_for_tensorflow,
 )

@@ -21,7 +21,7 @@ import numpy as np
 
 from tfharness.config import AugmentConfig, ImageFolderDataConfig, option_config
 from tfharness.data import records
-from tfharness.data.split import Split
+from tfharness.data.split import Split, tensorflow_ready, waits_for_tensorflow
 from tfharness.errors import DataError
 
 log = logging.getLogger("tfharness")
@@ -285,6 +285,7 @@ def rescaling():
     return [keras.layers.Rescaling(1 / 255, name="rescale")]
 
 
+@waits_for_tensorflow
 def image_folder(**options) -> Dict[str, Split]:
     """The ``data=image_folder`` factory: each phase's train, val and test batches streamed
     from its folders, with class names, MLflow dataset records and, with ``rescale``, a
@@ -292,6 +293,7 @@ def image_folder(**options) -> Dict[str, Split]:
     cfg = option_config(ImageFolderDataConfig, options, "data")
     phases = index_data(cfg)
     description = describe(cfg, phases)
+    tensorflow_ready()
     streams = datasets(cfg, phases, seed=cfg.seed)
     out = {}
     for phase, files in phases.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional
 
 from tfharness.config import targets
+from tfharness.data import split as split_lib
 from tfharness.data.split import (
     PHASES,
     DataBundle,
@@ -35,7 +36,15 @@ def load_data(option: Any, wait_for_tensorflow: Optional[Callable[[], None]] = N
     factory = targets.resolve(KEY, targets.options_of(option).get(targets.TARGET))
     if wait_for_tensorflow is not None and not getattr(factory, "tfharness_numpy_only", False):
         wait_for_tensorflow()
-    produced = targets.call(KEY, option, optional=HARNESS_KEYS)
+    waits_itself = wait_for_tensorflow is not None and getattr(
+        factory, "tfharness_waits_for_tensorflow", False)
+    if waits_itself:
+        split_lib._tensorflow_import.append(wait_for_tensorflow)
+    try:
+        produced = targets.call(KEY, option, optional=HARNESS_KEYS)
+    finally:
+        if waits_itself:
+            split_lib._tensorflow_import.remove(wait_for_tensorflow)
     return bundle_of(produced, option)
 
 

@@ -34,7 +34,7 @@ Nothing here imports TensorFlow: data errors surface before it loads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -99,6 +99,26 @@ def numpy_only(factory):
     other factory runs once that import is done."""
     factory.tfharness_numpy_only = True
     return factory
+
+
+def waits_for_tensorflow(factory):
+    """Marks a data factory that reads and checks its files without TensorFlow, then calls
+    :func:`tensorflow_ready` before its first use of TensorFlow: it starts while TensorFlow
+    imports on another thread, so a missing or empty folder is reported at once and the
+    reading overlaps the import."""
+    factory.tfharness_numpy_only = True
+    factory.tfharness_waits_for_tensorflow = True
+    return factory
+
+
+# What tensorflow_ready() waits on while such a factory runs (set by data.load.load_data).
+_tensorflow_import: List[Callable[[], None]] = []
+
+
+def tensorflow_ready() -> None:
+    """Returns once TensorFlow may be imported on this thread (see :func:`waits_for_tensorflow`)."""
+    for wait in _tensorflow_import:
+        wait()
 
 
 def is_dataset(part: Any) -> bool:

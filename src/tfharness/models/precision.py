@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Iterator
+import threading
+from typing import Iterator, Optional
 
 log = logging.getLogger("tfharness")
 
@@ -32,13 +33,15 @@ def set_policy(name: str) -> None:
 
 
 @contextlib.contextmanager
-def restoring_policy() -> Iterator[None]:
+def restoring_policy(loading: Optional[threading.Thread] = None) -> Iterator[None]:
     """Puts back, when the block ends however it ends, the global dtype policy it started with
     (Keras' default when Keras was not loaded yet), so a run's policy never leaks to the next
     run in the process or to the caller.
 
-    Keras is not imported here: it loads on a thread while the data loads (see
-    :func:`tfharness.pipeline.prepare.import_tensorflow_meanwhile`).
+    Keras is not imported here: it loads on a thread while the data loads (``loading``, see
+    :func:`tfharness.pipeline.prepare.import_tensorflow_meanwhile`). A block that ends while that
+    import still runs never used Keras (every use waits for it): there is nothing to put back,
+    and a bad input is reported without waiting for TensorFlow.
     """
     previous = None
     if "keras" in sys.modules:
@@ -48,7 +51,7 @@ def restoring_policy() -> Iterator[None]:
     try:
         yield
     finally:
-        if "keras" in sys.modules:
+        if "keras" in sys.modules and not (loading is not None and loading.is_alive()):
             import keras
 
             keras.config.set_dtype_policy(

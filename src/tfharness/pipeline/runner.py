@@ -70,7 +70,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     tracker = tracking.make_tracker(cfg.tracking)
     importer = prepare.import_tensorflow_meanwhile()
     # The run sets its dtype policy (prepare); the caller's comes back when it ends.
-    with model_lib.restoring_policy(), \
+    with model_lib.restoring_policy(importer), \
             run_ending(tracker, importer, held) as ending:
         ctx = prepare.prepare(cfg, tracker, cfg_hash, resumed, overrides, resolved_yaml,
                               importer)
