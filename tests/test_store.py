@@ -109,7 +109,7 @@ def test_a_run_that_fails_before_its_store_is_opened_never_creates_it(tmp_path):
 
     db = tmp_path / "never.db"
     tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{db}"))
-    tracker._may_open = False  # what finish() sets when no run opened
+    tracker._gate.close()  # what finish() does when no run opened
     tracker.connect()
     assert isinstance(tracker._connect_error, ConnectAbandoned)
     assert not db.exists()
@@ -119,7 +119,7 @@ def test_a_run_that_fails_before_its_store_is_opened_never_creates_it(tmp_path):
     tracker.connect_meanwhile()
     thread = tracker._connecting
     tracker.finish(ValueError("bad data"))
-    if tracker._opening:  # it had begun: finish waited for the whole store
+    if tracker._gate.opening:  # it had begun: finish waited for the whole store
         assert not thread.is_alive()
         import mlflow
 

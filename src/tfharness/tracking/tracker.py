@@ -33,6 +33,27 @@ from tfharness.tracking.unreachable import is_unreachable
 log = logging.getLogger("tfharness")
 
 
+class OpeningGate:
+    """Whether a connect thread may still open the store, and whether it has begun to."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._may_open = True
+        self.opening = False
+
+    def begin(self) -> bool:
+        """Asked by the connect thread before it touches the store: may it?"""
+        with self._lock:
+            self.opening = self._may_open
+            return self._may_open
+
+    def close(self) -> bool:
+        """No store is wanted any more; returns whether the thread had begun to open it."""
+        with self._lock:
+            self._may_open = False
+            return self.opening
+
+
 class MlflowTracker(Tracker):
     """Logs to the MLflow tracking URI and experiment named in the config.
 
@@ -55,11 +76,8 @@ class MlflowTracker(Tracker):
         self._store: Optional[runs.Store] = None
         self._connect_error: Optional[Exception] = None
         self._connecting: Optional[threading.Thread] = None
-        # Whether the connect thread may still open the store, and whether it has begun to:
-        # a run that fails before it opens lets go at once unless the store is being created.
-        self._opening_gate = threading.Lock()
-        self._may_open = True
-        self._opening = False
+        # A run that fails before it opens lets go at once unless the store is being created.
+        self._gate = OpeningGate()
         self._worker: Optional[DeliveryWorker] = None
         # What log_model was asked for: a spooled run's models are logged again by the sync.
         self.model_specs: List[ModelSpec] = []
@@ -72,14 +90,9 @@ class MlflowTracker(Tracker):
             return
         try:
             self._store = runs.connect(self.cfg, own_retries=self.retries_itself,
-                                       may_open=self._begin_opening)
+                                       may_open=self._gate.begin)
         except Exception as exc:
             self._connect_error = exc
-
-    def _begin_opening(self) -> bool:
-        with self._opening_gate:
-            self._opening = self._may_open
-            return self._may_open
 
     def connect_meanwhile(self) -> None:
         """Starts :meth:`connect` on a thread, while this process loads data and TensorFlow;
@@ -243,10 +256,7 @@ class MlflowTracker(Tracker):
             # open the store never will; one that has may be creating it: exiting in the
             # middle of MLflow's schema migration would leave a fresh SQLite store that no
             # client can open. A server has nothing to corrupt: wait less.
-            with self._opening_gate:
-                self._may_open = False
-                opening = self._opening
-            if opening:
+            if self._gate.close():
                 waited = store.LOCK_TIMEOUT_S if store.sqlite_path(self.cfg.uri) else 10.0
                 self._connecting.join(timeout=waited)
             self._connecting = None
