@@ -191,10 +191,11 @@ def main() -> None:
 
     sweeps.ACTIVE = None
     ending.LEAVE_IMPORTS_RUNNING = True
+    exiting: Optional[SystemExit] = None
     try:
         _hydra_main()
-    except SystemExit as exiting:
-        exit_now(exiting.code)
+    except SystemExit as error:  # Hydra's exit after it reported a failed run
+        exiting = error
         raise
     except RunInterrupted as interrupted:
         # The run is already KILLED in MLflow with its checkpoint kept (see runner.run).
@@ -206,6 +207,8 @@ def main() -> None:
         # Hydra's basic sweeper raises on a failed job before its end-of-sweep callback:
         # the parent run is summarized and ended here then.
         summary = sweeps.finish_active()
+        if exiting is not None:
+            exit_now(exiting.code)  # after the sweep's parent run has ended
     failed = sweeps.ACTIVE is not None and (
         sweeps.ACTIVE.error is not None or (summary is not None and summary.failed))
     if failed:

@@ -8,6 +8,7 @@ only when it takes them. Whatever it returns becomes a :class:`DataBundle` or a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping, Optional
 
 from tfharness.config import targets
@@ -38,13 +39,9 @@ def load_data(option: Any, wait_for_tensorflow: Optional[Callable[[], None]] = N
         wait_for_tensorflow()
     waits_itself = wait_for_tensorflow is not None and getattr(
         factory, "tfharness_waits_for_tensorflow", False)
-    if waits_itself:
-        split_lib._tensorflow_import.append(wait_for_tensorflow)
-    try:
+    with (split_lib.importing_tensorflow(wait_for_tensorflow) if waits_itself
+          else contextlib.nullcontext()):
         produced = targets.call(KEY, option, optional=HARNESS_KEYS)
-    finally:
-        if waits_itself:
-            split_lib._tensorflow_import.remove(wait_for_tensorflow)
     return bundle_of(produced, option)
 
 

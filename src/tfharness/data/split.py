@@ -33,8 +33,9 @@ Nothing here imports TensorFlow: data errors surface before it loads.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -111,7 +112,7 @@ def waits_for_tensorflow(factory):
     return factory
 
 
-# What tensorflow_ready() waits on while such a factory runs (set by data.load.load_data).
+# What tensorflow_ready() waits on while such a factory runs (see importing_tensorflow).
 _tensorflow_import: List[Callable[[], None]] = []
 
 
@@ -119,6 +120,17 @@ def tensorflow_ready() -> None:
     """Returns once TensorFlow may be imported on this thread (see :func:`waits_for_tensorflow`)."""
     for wait in _tensorflow_import:
         wait()
+
+
+@contextlib.contextmanager
+def importing_tensorflow(wait: Callable[[], None]) -> Iterator[None]:
+    """Within the block, :func:`tensorflow_ready` calls ``wait`` (TensorFlow imports on another
+    thread until it returns)."""
+    _tensorflow_import.append(wait)
+    try:
+        yield
+    finally:
+        _tensorflow_import.remove(wait)
 
 
 def is_dataset(part: Any) -> bool:
