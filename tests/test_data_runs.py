@@ -243,7 +243,13 @@ def test_a_missing_image_folder_is_reported_while_tensorflow_still_imports(tmp_p
     os._exit then), the error comes while TensorFlow still imports on its thread, and no store
     is created."""
     script = (
-        "import sys, threading\n"
+        "import sys, threading, time\n"
+        "class SlowTensorFlow:  # TensorFlow's import takes 60 s more, so the race is decided\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tensorflow' and threading.current_thread().name != 'MainThread':\n"
+        "            time.sleep(60)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, SlowTensorFlow())\n"
         "import tfharness\n"
         "from tfharness.errors import DataError\n"
         "from tfharness.pipeline import ending\n"
