@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,42 @@ def test_runs_started_together_on_a_fresh_sqlite_store_all_finish_while_another_
 def test_runs_started_together_on_a_server_backed_by_postgresql_all_finish():
     summary = stress("--store", "postgres", "--processes", "3", "--rounds", "1")
     assert (summary["runs"], summary["failures"], summary["problems"]) == (3, 0, 0)
+
+
+def test_runs_that_log_the_same_new_dataset_at_once_all_record_it(tmp_path):
+    """MLflow's store looks a dataset up and then inserts it, so runs logging the same new
+    dataset at the same moment race for the insert (CI saw this on PostgreSQL: UniqueViolation
+    on dataset_pk, the run ended FAILED). The dataset job tries again after losing the race."""
+    from mlflow import MlflowClient
+
+    from tfharness.tracking.jobs import InputsJob
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, experiment_id = store.open_experiment(uri, "e")
+    run_ids = [client.create_run(experiment_id).info.run_id for _ in range(6)]
+    errors: list = []
+    for round_ in range(8):  # a round of 6 writers loses the race for most of them
+        dataset = {"name": "train", "digest": f"digest{round_}", "source_type": "code",
+                   "source": "{}", "context": "pretrain/train"}
+        start = threading.Barrier(len(run_ids))
+
+        def log(run_id: str) -> None:
+            own_client = MlflowClient(uri)
+            start.wait()
+            try:
+                InputsJob("datasets", [dataset]).deliver(own_client, run_id)
+            except Exception as exc:  # what the run would end FAILED with
+                errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+
+        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in run_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    for run_id in run_ids:
+        digests = sorted(d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs)
+        assert digests == [f"digest{r}" for r in range(8)]
 
 
 def test_a_fresh_sqlite_store_is_created_once_under_a_lock_beside_it(tmp_path):

@@ -7,6 +7,7 @@ store or, when that stays unreachable, to the spool (:mod:`tfharness.tracking.sp
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -111,7 +112,29 @@ class InputsJob(Job):
     datasets: List[Dict[str, Optional[str]]]
 
     def deliver(self, client, run_id: str) -> None:
-        client.log_inputs(run_id, datasets=dataset_inputs(self.datasets))
+        # MLflow's store looks a dataset up, then inserts it when it was not there: runs that
+        # log the same new dataset at once (a parallel sweep) race, and all but one get the
+        # table's unique-key error. The dataset exists after that, so the call is tried again.
+        for attempt in range(DATASET_RACE_ATTEMPTS):
+            try:
+                client.log_inputs(run_id, datasets=dataset_inputs(self.datasets))
+                return
+            except Exception as exc:
+                if attempt + 1 == DATASET_RACE_ATTEMPTS or not is_duplicate_key(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+
+# How often a dataset's logging is tried when it lost the race to insert the dataset.
+DATASET_RACE_ATTEMPTS = 5
+# How SQLite, PostgreSQL and MySQL word a unique-key violation (MLflow passes the text on).
+DUPLICATE_KEY_WORDS = ("UNIQUE constraint failed", "UniqueViolation", "duplicate key value",
+                       "Duplicate entry")
+
+
+def is_duplicate_key(error: BaseException) -> bool:
+    """Whether the store refused a call because another writer inserted the same row first."""
+    return any(words in str(error) for words in DUPLICATE_KEY_WORDS)
 
 
 def dataset_inputs(datasets: List[Dict[str, Optional[str]]]) -> list:
