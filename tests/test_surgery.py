@@ -133,6 +133,27 @@ def test_keras_application_preprocesses_inside_and_nests_its_backbone():
     assert len(layertree.leaves(tuned)) > 150
 
 
+def test_a_channel_swapping_preprocess_input_is_a_saved_affine_layer(tmp_path):
+    """ResNet50's (and VGG's) preprocess_input swaps RGB to BGR and subtracts the ImageNet mean:
+    not a per-channel scale, so it becomes tfharness' AffinePixels, which saves and reloads;
+    EfficientNet preprocesses inside itself, so it gets no layer."""
+    import keras
+
+    from tfharness.models import applications
+
+    layer = applications.preprocessing_layer(keras.applications.ResNet50, 3)
+    assert type(layer).__name__ == "AffinePixels"
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    expected = keras.applications.resnet50.preprocess_input(pixels.copy())
+    np.testing.assert_allclose(layer(pixels), expected, atol=1e-3)
+    inputs = keras.Input((4, 4, 3))
+    model = keras.Model(inputs, layer(inputs))
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(reloaded(pixels), expected, atol=1e-3)
+    assert applications.preprocessing_layer(keras.applications.EfficientNetB0, 3) is None
+
+
 @pytest.mark.parametrize("make", [users.residual, users.guide_nested, users.mobilenet],
                          ids=["residual", "nested", "keras_application"])
 def test_every_format_reloads_functional_and_nested_models_exactly(make, tmp_path):
