@@ -124,6 +124,46 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
     assert logged_model_names(client, run) == {"pretrained", "finetuned"}
 
 
+def test_a_run_that_reused_a_pretraining_resumes_after_sigkill_and_still_reuses_it(
+        tmp_path, make_cfg):
+    producer = harness(tmp_path)  # a fresh store: this run pretrains
+    assert producer.wait(timeout=600) == 0, producer.stderr.read()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    made = only_run(client)
+    assert made.data.tags["tfharness.pretrain"] == "trained"
+
+    # Other fine-tune settings, the same pretraining: reused, then killed in fine-tuning.
+    tuned = "finetune.learning_rate=0.003"
+    kill_at(tmp_path, "finetune-0-e0002", tuned)
+    (killed,) = [r for r in client.search_runs([made.info.experiment_id])
+                 if r.info.run_id != made.info.run_id]
+    assert killed.info.status == "RUNNING"
+    assert killed.data.tags["tfharness.pretrain_reused_from"] == made.info.run_id
+    assert state_of(tmp_path).epochs == {"finetune/0": 1}
+
+    resumed = harness(tmp_path, tuned)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    run = client.get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tfharness.resumes"] == "1"
+    assert run.data.tags["tfharness.pretrain"] == "reused"
+    assert run.data.tags["tfharness.pretrain_reused_from"] == made.info.run_id
+    assert not [key for key in run.data.metrics if key.startswith("pretrain/")]
+    assert logged_model_names(client, run) == {"finetuned"}
+
+    # The same run uninterrupted (it reuses the same pretraining): the same numbers.
+    baseline = tfharness.run(make_cfg([*RUN, tuned, "pretrain_cache=auto"], out="baseline"))
+    base = client.get_run(baseline.run_id)
+    assert base.data.tags["tfharness.pretrain_reused_from"] == made.info.run_id
+    expected, got = histories(client, baseline.run_id), histories(client, run.info.run_id)
+    for key in (k for k in expected if k.startswith("finetune/")):
+        assert [step for step, _ in got[key]] == [0, 1, 2], key  # each epoch once
+        np.testing.assert_allclose([v for _, v in got[key]], [v for _, v in expected[key]],
+                                   rtol=0, atol=TOLERANCE, err_msg=key)
+    for key in ("test/loss", "test/accuracy"):
+        assert abs(run.data.metrics[key] - base.data.metrics[key]) <= TOLERANCE, key
+
+
 def state_of_output(run) -> str:
     return run.data.tags["output_dir"]
 
