@@ -147,7 +147,7 @@ def test_a_user_project_runs_through_tfharness_run(tmp_path, project):
     # The frozen layer stayed put; samples were counted off the dataset (4 batches of 8).
     assert result.metrics["finetune/frozen_weight_change_max"] == 0.0
     assert result.metrics["pretrain/samples_per_second"] > 0
-    assert "test/accuracy" in result.metrics and result.metrics["reload/max_abs_diff@finetuned"] == 0
+    assert "test/accuracy" in result.metrics and result.metrics["reload/finetuned/max_abs_diff"] == 0
 
 
 @pytest.mark.parametrize("overrides,key,says", [

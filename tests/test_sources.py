@@ -147,8 +147,8 @@ def test_every_source_kind_loads_with_parity_and_fine_tunes(artifacts, make_cfg,
     np.testing.assert_allclose(np.asarray(started_from(probe)), expected, atol=1e-6, rtol=0)
     if name not in ("keras", "keras2-h5"):  # a Keras file has no second program to ask
         assert result.metrics["source/max_abs_diff"] <= 1e-6
-    assert result.metrics["reload/max_abs_diff@pretrained"] == 0.0
-    assert result.metrics["reload/max_abs_diff@finetuned"] == 0.0
+    assert result.metrics["reload/pretrained/max_abs_diff"] == 0.0
+    assert result.metrics["reload/finetuned/max_abs_diff"] == 0.0
     # Fine-tuned with a new 3-class head; frozen layers did not move, the head did.
     rows = {row["layer"]: row for row in result.report}
     assert rows["head"]["trainable"] and rows["head"]["relative_weight_change"] > 0

@@ -49,8 +49,8 @@ def _check_run(client, result, stages):
     metrics = run.data.metrics
     assert metrics["reload/finetuned/max_abs_diff"] == 0.0
     assert metrics["reload/pretrained/max_abs_diff"] == 0.0
-    assert result.metrics["reload/max_abs_diff@pretrained"] == 0.0
-    assert result.metrics["reload/max_abs_diff@finetuned"] == 0.0
+    assert result.metrics["reload/pretrained/max_abs_diff"] == 0.0
+    assert result.metrics["reload/finetuned/max_abs_diff"] == 0.0
     assert metrics["finetune/frozen_weight_change_max"] == 0.0
     rows = _report(client, run)
     assert sorted({r["stage"] for r in rows}) == sorted(stages)

@@ -16,6 +16,7 @@ class RunResult:
     """What a run produced, for callers of :func:`tfharness.run` (the CLI, sweeps, tests)."""
 
     run_id: Optional[str]
+    # Each metric's final value, under the name the MLflow run has it (reload/finetuned/...).
     metrics: Dict[str, float] = field(default_factory=dict)
     report: List[Dict] = field(default_factory=list)
     artifacts: Dict[str, Path] = field(default_factory=dict)

@@ -45,15 +45,12 @@ def model_metric_keys(cfg: HarnessConfig, metrics: Dict[str, float]) -> Dict[str
     figures.
     """
     def own(prefix: str, names=None) -> List[str]:
-        return sorted(k for k in metrics if k.startswith(prefix) and "@" not in k
+        return sorted(k for k in metrics if k.startswith(prefix)
                       and k.count("/") == 1 and k.rsplit("/", 1)[-1] not in _TIMINGS
                       and (names is None or names(k.rsplit("/", 1)[-1])))
 
     def reload(stem: str) -> List[str]:
-        # RunResult names them reload/<figure>@<stem>; the run logs reload/<stem>/<figure>.
-        suffix = f"@{stem}"
-        return [f"reload/{stem}/{k[len('reload/'):-len(suffix)]}"
-                for k in metrics if k.startswith("reload/") and k.endswith(suffix)]
+        return sorted(k for k in metrics if k.startswith(f"reload/{stem}/"))
 
     test = own("test/")
     pretrained = (own("pretrain/", lambda n: n.startswith("test_")) +

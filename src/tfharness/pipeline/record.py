@@ -108,11 +108,7 @@ def gather_results(ctx: RunContext) -> None:
     result = ctx.result
     latest: Dict[str, tuple] = {}
     for key, value, step in ctx.ckpt.state.metrics:
-        if key.startswith("reload/"):
-            # Logged as reload/<stem>/<figure>; results name it reload/<figure>@<stem>.
-            _, stem, figure = key.split("/", 2)
-            result.metrics.setdefault(f"reload/{figure}@{stem}", value)
-        elif key not in latest or step >= latest[key][0]:
+        if key not in latest or step >= latest[key][0]:
             latest[key] = (step, value)
     for key, (_, value) in latest.items():
         result.metrics.setdefault(key, value)

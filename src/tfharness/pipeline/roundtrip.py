@@ -67,7 +67,7 @@ def round_trip(ctx: RunContext, model, stem: str, step: int, probe: np.ndarray):
     log.info("%s: saved as %s to %s (%d bytes, %.2f s), reloaded in %.2f s, max abs diff %.3g",
              stem, sf.name, trip.path or "memory", trip.size_bytes, trip.save_seconds,
              trip.load_seconds, max(trip.max_abs_diff, trip.serving_max_abs_diff or 0.0))
-    ctx.result.metrics.update({f"{k}@{stem}": v for k, v in measured.items()})
+    ctx.result.metrics.update(reload_names(stem, measured))
     if trip.path is None:
         # MLflow logs models from files; writing one would defeat in_memory, so say so instead.
         if cfg.tracking.log_models:
@@ -102,6 +102,11 @@ def _already_saved(ctx: RunContext, stem: str):
     return serialization.load_model(path)
 
 
+def reload_names(stem: str, measured: dict) -> dict:
+    """``reload/<figure>`` of a round trip as the run logs them: ``reload/<stem>/<figure>``."""
+    return {f"reload/{stem}/{k.split('/', 1)[1]}": v for k, v in measured.items()}
+
+
 def _keep(ctx: RunContext, trip, stem: str, measured: dict, step: int):
     """Records the saved model in the run state (and its digest beside it); logs the metrics.
 
@@ -121,7 +126,7 @@ def _keep(ctx: RunContext, trip, stem: str, measured: dict, step: int):
     models = {**ckpt.state.values.get("models", {}), stem: str(path)}
     digests = {**ckpt.state.values.get("digests", {}),
                **({stem: record.sha256} if record else {})}
-    logged = {f"reload/{stem}/{k.split('/', 1)[1]}": v for k, v in measured.items()}
+    logged = reload_names(stem, measured)
     ckpt.complete(f"saved:{stem}", logged, 0, models=models, digests=digests)
     ctx.tracker.log_metrics(logged)
     return record
