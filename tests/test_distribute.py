@@ -115,3 +115,30 @@ def test_a_malformed_tf_config_names_it(monkeypatch):
     assert distribute.worker_task() == ("worker", 0, False)
     monkeypatch.delenv("TF_CONFIG")
     assert distribute.worker_task() == ("worker", 0, True)
+
+
+def test_multi_worker_refuses_what_would_put_its_workers_out_of_step(make_cfg, tmp_path):
+    """Every worker runs every step, and only the chief sees the store and keeps checkpoints: a
+    resumed chief, a chief reusing a pretraining, or a sweep would leave the other workers
+    waiting at another collective. Resume and sweeps are refused; the pretrain cache is off."""
+    from types import SimpleNamespace
+
+    from tfharness.pipeline import pretrain_cache
+
+    multi = [*TINY_SYNTHETIC, "trainer.strategy=multi_worker"]
+    with pytest.raises(ConfigError, match="'resume': got True; allowed: false with "
+                                          "trainer.strategy=multi_worker"):
+        validate(to_typed(make_cfg([*multi, "resume=true"])))
+    cfg = to_typed(make_cfg([*multi, "pretrain_cache=auto"]))
+    validate(cfg)
+    assert "multi_worker" in pretrain_cache.why_not(SimpleNamespace(cfg=cfg))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tfharness", "-m", *multi, "finetune.learning_rate=1e-2,1e-3",
+         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 1
+    assert ("tfharness: Invalid value for 'trainer.strategy': got 'multi_worker'; allowed: "
+            "default or mirrored in a sweep (-m)") in done.stderr
+    assert not (tmp_path / "m.db").exists()  # no parent run, no trial run

@@ -347,6 +347,10 @@ def _check_run(cfg: HarnessConfig) -> None:
     _check(isinstance(resume, bool) or (isinstance(resume, str) and bool(RUN_ID.match(resume))),
            "resume", resume, "false, true, or the id of the run to continue (letters, digits, "
            "'-' and '_')")
+    _check(cfg.trainer.strategy != "multi_worker" or resume is False, "resume", resume,
+           "false with trainer.strategy=multi_worker (every worker must run the same steps, and "
+           "only the chief keeps checkpoints: a resumed chief would wait for workers that start "
+           "over)")
     _check(bool(cfg.checkpoint_root), "checkpoint_root", cfg.checkpoint_root,
            "a folder for per-run checkpoints")
     _check_choice("pretrain_cache", cfg.pretrain_cache, PRETRAIN_CACHE_MODES)

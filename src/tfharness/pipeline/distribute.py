@@ -63,6 +63,14 @@ def for_this_worker(cfg: HarnessConfig) -> HarnessConfig:
         checkpoint_root=os.path.join(scratch, "checkpoints"), print_report=False, resume=False)
 
 
+def check_not_in_sweep(cfg: HarnessConfig) -> None:
+    """A sweep's job cannot be a ``multi_worker`` run: every worker would run the whole sweep,
+    opening runs and claiming pretrainings of its own, and the workers must stay in step."""
+    if cfg.trainer.strategy == "multi_worker":
+        raise ConfigError("trainer.strategy", "multi_worker", "default or mirrored in a sweep "
+                          "(-m); start one multi_worker run per setting instead")
+
+
 def split_cpu(count: int) -> None:
     """Makes the first CPU appear as ``count`` logical devices (for mirrored training without GPUs).
 

@@ -64,6 +64,11 @@ def why_not(ctx: RunContext) -> Optional[str]:
     cfg = ctx.cfg
     if cfg.pretrain_cache == "off":
         return "pretrain_cache=off"
+    if cfg.trainer.strategy == "multi_worker":
+        # Every worker runs every step, and the workers other than the chief never see the
+        # store: a chief that skipped pretraining would wait in fine-tuning for workers that
+        # pretrain.
+        return "trainer.strategy=multi_worker: every worker pretrains"
     if ctx.source is not None or ctx.fingerprint is None:
         return "the run starts from a source"
     if not cfg.finetune.enabled:
