@@ -93,6 +93,22 @@ def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 90) ->
 @pytest.fixture
 def mlflow_server(tmp_path):
     """scripts/mlflow-server, as a team would start it, on a free loopback port."""
+    url, process = start_mlflow_server(tmp_path)
+    yield url
+    os.killpg(process.pid, 9)  # a graceful stop takes seconds; the store is thrown away
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server_process(tmp_path):
+    """The same, with its process (its own process group) for a test that pauses it."""
+    url, process = start_mlflow_server(tmp_path)
+    yield url, process
+    os.killpg(process.pid, 9)
+    process.wait(timeout=30)
+
+
+def start_mlflow_server(tmp_path: Path):
     port = free_port()
     process = subprocess.Popen(
         ["bash", str(ROOT / "scripts" / "mlflow-server"), "--port", str(port),
@@ -102,9 +118,7 @@ def mlflow_server(tmp_path):
         start_new_session=True, env={**os.environ, "TFHARNESS_NO_SETUP": "1"})
     url = f"http://127.0.0.1:{port}"
     wait_for_server(url, process)
-    yield url
-    os.killpg(process.pid, 9)  # a graceful stop takes seconds; the store is thrown away
-    process.wait(timeout=30)
+    return url, process
 
 
 def make_image_folder(root: Path, classes: Sequence[str], per_class: int = 6, *,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import tfharness
 from tfharness.tracking import store
 from tfharness.errors import TrackingError
 
@@ -82,6 +83,41 @@ def test_runs_that_log_the_same_new_dataset_at_once_all_record_it(tmp_path):
     for run_id in run_ids:
         digests = sorted(d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs)
         assert digests == [f"digest{r}" for r in range(8)]
+
+
+def test_a_run_whose_creation_got_no_answer_is_opened_once(mlflow_server_process, monkeypatch,
+                                                           tmp_path):
+    """The server stops answering (paused) while a run opens: the creation is tried again until
+    it answers, and a creation the server carried out late is found by the run's own token
+    instead of being made a second time."""
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    from tfharness.config import to_typed
+    from tfharness.tracking import runs
+
+    url, server = mlflow_server_process
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracking = to_typed(tfharness.compose([f"tracking.uri={url}", f"output_dir={tmp_path}"])).tracking
+    opened = runs.connect(tracking, own_retries=True)
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        got: dict = {}
+        opening = threading.Thread(target=lambda: got.update(
+            run_id=runs.open_run(opened, tracking, "paused", {}, None)))
+        opening.start()
+        time.sleep(6)  # tries time out after 2 s each
+        assert opening.is_alive()
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    opening.join(90)
+    assert not opening.is_alive() and "run_id" in got
+    found = MlflowClient(url).search_runs([opened.experiment_id])
+    assert [r.info.run_id for r in found] == [got["run_id"]]
+    assert found[0].data.tags[runs.OPEN_TOKEN_TAG]
 
 
 def test_a_fresh_sqlite_store_is_created_once_under_a_lock_beside_it(tmp_path):

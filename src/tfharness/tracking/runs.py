@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -23,6 +24,10 @@ log = logging.getLogger("tfharness")
 
 # Run names are VARCHAR(250) in MLflow's schema; SQLite ignores that, PostgreSQL refuses more.
 RUN_NAME_LIMIT = 250
+# How long the calls that open a run are tried again while the server does not answer.
+OPEN_RETRY_S = 60.0
+# A new run's own random key: a creation whose answer was lost is found by it, not made twice.
+OPEN_TOKEN_TAG = "tfharness.open_token"
 
 
 @dataclass
@@ -91,11 +96,46 @@ def open_run(store: Store, cfg: TrackingConfig, run_name: str, tags: Dict[str, s
     if resume_run_id is not None:
         reopen(store, resume_run_id, tags)
         return resume_run_id
-    tags = {**tags, **cfg.tags}
+    token = uuid.uuid4().hex
+    tags = {**tags, **cfg.tags, OPEN_TOKEN_TAG: token}
     if store.spooled:
         tags[spool.TARGET_URI] = cfg.uri
-    return store.client.create_run(store.experiment_id, run_name=run_name[:RUN_NAME_LIMIT],
-                                   tags=tags).info.run_id
+
+    def create() -> str:
+        return store.client.create_run(store.experiment_id, run_name=run_name[:RUN_NAME_LIMIT],
+                                       tags=tags).info.run_id
+
+    def created_meanwhile() -> Optional[str]:
+        # A creation the server carried out although its answer never came back.
+        found = store.client.search_runs([store.experiment_id],
+                                         f"tags.`{OPEN_TOKEN_TAG}` = '{token}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    return retrying(create, "opening the run", found=created_meanwhile)
+
+
+def retrying(call: Callable, what: str, found: Optional[Callable] = None,
+             deadline_s: float = OPEN_RETRY_S):
+    """``call()``, tried again with backoff while the server does not answer, up to
+    ``deadline_s``. After a try that got no answer, ``found()`` is asked first (and must be
+    answered) and returns what that try did if it was carried out: then ``call`` is not made
+    again, so a call that creates something creates it once."""
+    start, delay, unanswered = time.time(), 0.25, False
+    while True:
+        try:
+            if unanswered and found is not None:
+                result = found()
+                if result is not None:
+                    return result
+            return call()
+        except Exception as error:
+            if not is_unreachable(error) or time.time() - start > deadline_s:
+                raise
+            log.warning("MLflow store did not answer while %s (%s); trying again",
+                        what, type(error).__name__)
+        unanswered = True
+        time.sleep(delay)
+        delay = min(2 * delay, 4.0)
 
 
 def reopen(store: Store, run_id: str, tags: Dict[str, str]) -> None:

@@ -116,7 +116,8 @@ class MlflowTracker(Tracker):
         self.run_id = runs.open_run(self._store, self.cfg, run_name, tags, resume_run_id)
         if resume_run_id is None:  # a resumed run has its params already
             try:
-                log_params(self._store.client, self.run_id, params)
+                runs.retrying(lambda: log_params(self._store.client, self.run_id, params),
+                              "logging the run's params")
             except BaseException as error:
                 self.finish(error)  # never a run left RUNNING without its params
                 raise
