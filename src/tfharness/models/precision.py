@@ -44,7 +44,10 @@ def restoring_policy(loading: Optional[threading.Thread] = None) -> Iterator[Non
     and a bad input is reported without waiting for TensorFlow.
     """
     previous = None
-    if "keras" in sys.modules:
+    # With ``loading`` given, Keras was not loaded when the run began (that thread loads it):
+    # the policy to put back is Keras' default. Importing keras here would wait for that
+    # thread as soon as it has begun (keras is in sys.modules, half imported).
+    if loading is None and "keras" in sys.modules:
         import keras
 
         previous = keras.config.dtype_policy()
