@@ -70,3 +70,36 @@ def test_a_chain_that_loops_ends():
     first, second = RuntimeError("a"), RuntimeError("b")
     first.__context__, second.__context__ = second, first
     assert not is_unreachable(first)
+
+
+def test_retrying_is_bounded_and_creates_once():
+    from tfharness.tracking.retries import retrying
+
+    calls: list = []
+
+    def flaky() -> str:
+        calls.append("call")
+        if len(calls) < 3:
+            raise ConnectionError("Connection refused")
+        return "done"
+
+    assert retrying(flaky, is_unreachable, what="t", attempts=5, first_delay_s=0) == "done"
+    assert len(calls) == 3
+    # Another kind of error is raised at once; a spent budget raises the last error.
+    with pytest.raises(ValueError):
+        retrying(lambda: (_ for _ in ()).throw(ValueError("bad")), is_unreachable, what="t",
+                 attempts=5, first_delay_s=0)
+    calls.clear()
+    with pytest.raises(ConnectionError):
+        retrying(flaky, is_unreachable, what="t", attempts=2, first_delay_s=0)
+    assert len(calls) == 2
+    # A call whose answer was lost but which the store carried out is found, not made again.
+    made: list = []
+
+    def create() -> str:
+        made.append("run")
+        raise ConnectionError("Read timed out")
+
+    assert retrying(create, is_unreachable, what="t", deadline_s=5, first_delay_s=0,
+                    found=lambda: "run-1" if made else None) == "run-1"
+    assert made == ["run"]

@@ -342,15 +342,11 @@ class SweepCallback(Callback):
         prune_search_space(config)
         if config.tracking.name == "off":
             return
-        if config.trainer.strategy == "multi_worker":
-            # Each job fails with the reason (distribute.check_not_in_sweep); no parent run.
-            from tfharness.pipeline.distribute import check_not_in_sweep
+        from tfharness.pipeline.distribute import sweep_error
 
-            try:
-                check_not_in_sweep(config)
-            except Exception as error:
-                self.error = error
-                return
+        self.error = sweep_error(config)
+        if self.error is not None:  # each job fails with it too; no parent run
+            return
         try:
             self._start(config)
         except Exception as error:  # Hydra would only warn; the command exits 1 (cli.main)

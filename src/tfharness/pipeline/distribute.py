@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Tuple
+from typing import Optional, Tuple
 
 from tfharness.config import HarnessConfig, TrainerConfig
 from tfharness.errors import ConfigError
@@ -63,12 +63,14 @@ def for_this_worker(cfg: HarnessConfig) -> HarnessConfig:
         checkpoint_root=os.path.join(scratch, "checkpoints"), print_report=False, resume=False)
 
 
-def check_not_in_sweep(cfg: HarnessConfig) -> None:
-    """A sweep's job cannot be a ``multi_worker`` run: every worker would run the whole sweep,
-    opening runs and claiming pretrainings of its own, and the workers must stay in step."""
-    if cfg.trainer.strategy == "multi_worker":
-        raise ConfigError("trainer.strategy", "multi_worker", "default or mirrored in a sweep "
-                          "(-m); start one multi_worker run per setting instead")
+def sweep_error(cfg: HarnessConfig) -> Optional[ConfigError]:
+    """Why ``cfg`` cannot be a sweep's job (None: it can). Not a ``multi_worker`` run: every
+    worker would run the whole sweep, opening runs and claiming pretrainings of its own, and
+    the workers must stay in step."""
+    if cfg.trainer.strategy != "multi_worker":
+        return None
+    return ConfigError("trainer.strategy", "multi_worker", "default or mirrored in a sweep (-m); "
+                       "start one multi_worker run per setting instead")
 
 
 def split_cpu(count: int) -> None:

@@ -61,8 +61,9 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
     validate(cfg)
-    if require_objective:
-        distribute.check_not_in_sweep(cfg)
+    not_a_trial = distribute.sweep_error(cfg) if require_objective else None
+    if not_a_trial is not None:
+        raise not_a_trial
     cfg = distribute.for_this_worker(cfg)  # a multi_worker worker other than the chief: no record
     cfg_hash = ckpt_lib.config_hash(cfg)
     held = prepare.resume_target(cfg, cfg_hash)  # a resumed run's checkpoints, locked

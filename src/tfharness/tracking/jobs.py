@@ -6,12 +6,13 @@ store or, when that stays unreachable, to the spool (:mod:`tfharness.tracking.sp
 
 from __future__ import annotations
 
+import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from tfharness.tracking.retries import retrying
 from tfharness.tracking.models import (MODEL_URI_TAG, ModelSpec, link_model_metrics,
                                        log_model_spec, model_id_of)
 
@@ -115,14 +116,10 @@ class InputsJob(Job):
         # MLflow's store looks a dataset up, then inserts it when it was not there: runs that
         # log the same new dataset at once (a parallel sweep) race, and all but one get the
         # table's unique-key error. The dataset exists after that, so the call is tried again.
-        for attempt in range(DATASET_RACE_ATTEMPTS):
-            try:
-                client.log_inputs(run_id, datasets=dataset_inputs(self.datasets))
-                return
-            except Exception as exc:
-                if attempt + 1 == DATASET_RACE_ATTEMPTS or not is_duplicate_key(exc):
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        retrying(lambda: client.log_inputs(run_id, datasets=dataset_inputs(self.datasets)),
+                 is_duplicate_key, what="Datasets lost the race to insert them",
+                 attempts=DATASET_RACE_ATTEMPTS, first_delay_s=0.05, max_delay_s=0.4,
+                 level=logging.DEBUG)
 
 
 # How often a dataset's logging is tried when it lost the race to insert the dataset.

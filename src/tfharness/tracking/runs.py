@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
 from tfharness.tracking import spool
+from tfharness.tracking.retries import retrying
 from tfharness.tracking.store import open_experiment
 from tfharness.tracking.unreachable import is_unreachable
 
@@ -111,31 +112,9 @@ def open_run(store: Store, cfg: TrackingConfig, run_name: str, tags: Dict[str, s
                                          f"tags.`{OPEN_TOKEN_TAG}` = '{token}'", max_results=1)
         return found[0].info.run_id if found else None
 
-    return retrying(create, "opening the run", found=created_meanwhile)
+    return retrying(create, is_unreachable, what="MLflow store did not answer while opening "
+                    "the run", deadline_s=OPEN_RETRY_S, found=created_meanwhile)
 
-
-def retrying(call: Callable, what: str, found: Optional[Callable] = None,
-             deadline_s: float = OPEN_RETRY_S):
-    """``call()``, tried again with backoff while the server does not answer, up to
-    ``deadline_s``. After a try that got no answer, ``found()`` is asked first (and must be
-    answered) and returns what that try did if it was carried out: then ``call`` is not made
-    again, so a call that creates something creates it once."""
-    start, delay, unanswered = time.time(), 0.25, False
-    while True:
-        try:
-            if unanswered and found is not None:
-                result = found()
-                if result is not None:
-                    return result
-            return call()
-        except Exception as error:
-            if not is_unreachable(error) or time.time() - start > deadline_s:
-                raise
-            log.warning("MLflow store did not answer while %s (%s); trying again",
-                        what, type(error).__name__)
-        unanswered = True
-        time.sleep(delay)
-        delay = min(2 * delay, 4.0)
 
 
 def reopen(store: Store, run_id: str, tags: Dict[str, str]) -> None:

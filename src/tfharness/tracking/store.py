@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple, TypeVar
 
 from tfharness.errors import TrackingError
+from tfharness.tracking.retries import retrying
 
 log = logging.getLogger("tfharness")
 
@@ -98,17 +98,9 @@ def _lock_for(db: Path, uri: str):
 
 
 def _with_retries(uri: str, attempt: Callable[[], T], retry_any: bool) -> T:
-    delay = 0.2
-    for number in range(1, OPEN_ATTEMPTS + 1):
-        try:
-            return attempt()
-        except Exception as exc:  # noqa: BLE001 - sorted into races and real errors below
-            if number == OPEN_ATTEMPTS or not (retry_any or is_race(exc)):
-                raise
-            log.debug("Opening %s raced with another MLflow client (%s); retrying", uri, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    raise AssertionError("unreachable")
+    return retrying(attempt, lambda error: retry_any or is_race(error), what=f"Opening {uri} "
+                    "raced with another MLflow client", attempts=OPEN_ATTEMPTS,
+                    first_delay_s=0.2, max_delay_s=2.0, level=logging.DEBUG)
 
 
 def open_experiment(uri: str, experiment: str) -> Tuple[object, str]:

@@ -27,6 +27,7 @@ from tfharness.tracking.jobs import (CallJob, FigureJob, InputsJob, Job, LinkJob
                                      ModelJob, TableJob, TagsJob, TextJob)
 from tfharness.tracking.naming import table_columns
 from tfharness.tracking.models import ModelSpec, model_output_and_requirements, register
+from tfharness.tracking.retries import retrying
 from tfharness.tracking.spool import SPOOL_REASON, spool_tail
 from tfharness.tracking.unreachable import is_unreachable
 
@@ -116,8 +117,9 @@ class MlflowTracker(Tracker):
         self.run_id = runs.open_run(self._store, self.cfg, run_name, tags, resume_run_id)
         if resume_run_id is None:  # a resumed run has its params already
             try:
-                runs.retrying(lambda: log_params(self._store.client, self.run_id, params),
-                              "logging the run's params")
+                retrying(lambda: log_params(self._store.client, self.run_id, params),
+                         is_unreachable, what="MLflow store did not answer while logging the "
+                         "run's params", deadline_s=runs.OPEN_RETRY_S)
             except BaseException as error:
                 self.finish(error)  # never a run left RUNNING without its params
                 raise
