@@ -67,3 +67,28 @@ def test_functional_graph_rerun_keeps_every_layer_in_place():
     split = SimpleNamespace(preprocessing=lambda: [keras.layers.Rescaling(0.5, name="scale")])
     wrapped = with_preprocessing(model, split)
     assert [layer.name for layer in wrapped.layers] == ["features", "scale", "d1", "d2"]
+
+
+def test_the_digits_are_read_from_scikit_learns_file_as_load_digits_returns_them(monkeypatch):
+    """data/builtin.py: scikit-learn's digits file is where it keeps it, and reading it without
+    importing scikit-learn gives what ``load_digits`` gives."""
+    import builtins
+
+    from sklearn.datasets import load_digits
+
+    from tfharness.data import builtin
+
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise AssertionError(f"the fast path imported {name}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    images, labels = builtin.load_digits()
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    expected = load_digits()
+    assert images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(images, expected.images)
+    np.testing.assert_array_equal(labels, expected.target)

@@ -2,14 +2,16 @@
 
 Each is the ``_target_`` of its option (``conf/data/<name>.yaml``, schema in
 :mod:`tfharness.config.schema`) and returns what :mod:`tfharness.data.split` describes. All
-NumPy (and scikit-learn for the digits, which ship inside its wheel): no TensorFlow, no
+NumPy (the digits ship inside scikit-learn's wheel): no TensorFlow, no
 download; marked :func:`~tfharness.data.split.numpy_only`, so they load while TensorFlow imports.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,18 +24,40 @@ def _relabel(y: np.ndarray, classes: list) -> np.ndarray:
     return np.array([mapping[int(v)] for v in y], dtype=np.int32)
 
 
+def load_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits: ``(images, labels)``, images ``(1797, 8, 8)`` of 0..16 and
+    labels 0..9, as ``sklearn.datasets.load_digits`` returns them.
+
+    The file is read straight from scikit-learn's installed package when it is where scikit-learn
+    keeps it, without importing scikit-learn: that import takes about a second of the GIL, which
+    a run's start shares with TensorFlow's import. Private: ``datasets/data/digits.csv.gz`` is
+    scikit-learn's own layout, not an API; where it is not found, ``load_digits`` is called
+    (tests/test_private_apis.py checks that the file is found and that both agree).
+    """
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as handle:
+                table = np.loadtxt(handle, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    loaded = sklearn_digits()
+    return loaded.images, loaded.target
+
+
 @numpy_only
 def digits(pretrain_classes: Sequence[int] = (0, 1, 2, 3, 4),
            finetune_classes: Sequence[int] = (5, 6, 7, 8, 9), finetune_fraction: float = 0.25,
            val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Dict:
     """scikit-learn's 8x8 digits: pretrain on some digits, fine-tune on others (relabelled
     ``0..n-1``) with only ``finetune_fraction`` of the fine-tune training pool."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    loaded = sklearn_digits()
+    raw_images, raw_labels = load_digits()
     # 8x8 grey images with values 0..16, kept image-shaped so a CNN can use them as they are.
-    images = (loaded.images / 16.0).astype(np.float32)[..., np.newaxis]
-    labels = loaded.target.astype(np.int32)
+    images = (raw_images / 16.0).astype(np.float32)[..., np.newaxis]
+    labels = raw_labels.astype(np.int32)
 
     def pool(classes: list) -> Arrays:
         mask = np.isin(labels, classes)
