@@ -85,24 +85,27 @@ def histories(client, run_id: str):
 
 def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninterrupted_run(
         tmp_path, make_cfg):
+    # With dropout: the checkpoint keeps the dropout seed state, so even the masks match.
+    dropout = "model.dropout=0.25"
     baseline_uri = f"sqlite:///{tmp_path / 'baseline.db'}"
-    baseline = tfharness.run(make_cfg([*RUN, f"tracking.uri={baseline_uri}"], out="baseline"))
+    baseline = tfharness.run(make_cfg([*RUN, dropout, f"tracking.uri={baseline_uri}"],
+                                      out="baseline"))
     base_client = mlflow.MlflowClient(baseline_uri)
     expected = histories(base_client, baseline.run_id)
 
     # Killed while writing the checkpoint of pretraining epoch 2: epoch 1 is the last complete.
-    kill_at(tmp_path, "pretrain-e0002")
+    kill_at(tmp_path, "pretrain-e0002", dropout)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     killed = only_run(client)
     assert killed.info.status == "RUNNING"  # what SIGKILL leaves behind
     assert state_of(tmp_path).epochs == {"pretrain": 1}
 
     # Resumed, then killed again in the second epoch of fine-tuning.
-    kill_at(tmp_path, "finetune-0-e0002")
+    kill_at(tmp_path, "finetune-0-e0002", dropout)
     assert only_run(client).info.run_id == killed.info.run_id
     assert state_of(tmp_path).epochs == {"pretrain": 4, "finetune/0": 1}
 
-    result = tfharness.run(make_cfg([*RUN, "resume=true"], out="ignored"))
+    result = tfharness.run(make_cfg([*RUN, dropout, "resume=true"], out="ignored"))
     run = only_run(client)
     assert result.run_id == run.info.run_id == killed.info.run_id
     assert run.info.status == "FINISHED"
