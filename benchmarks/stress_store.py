@@ -111,7 +111,10 @@ def mlflow_server(folder: Path, backend: str) -> Iterator[str]:
          "--backend-store-uri", backend, "--artifacts-destination", str(folder / "artifacts"),
          "--workers", "2"],
         cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env={**os.environ, "TFHARNESS_NO_SETUP": "1"})
+        start_new_session=True,
+        # A throwaway server: no MLflow job consumers (tfharness starts no jobs).
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ,
+             "TFHARNESS_NO_SETUP": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_health(url, process)

@@ -54,7 +54,9 @@ def start_ui(store: Path, port: int) -> subprocess.Popen:
          f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+        start_new_session=True,
+        # A throwaway UI: no MLflow job consumers (tfharness starts no jobs).
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
     deadline = time.time() + 120
     while True:
         try:
