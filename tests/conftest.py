@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests' `mlflow server`s and `mlflow ui`s (children inherit this) run no job consumers: each
 # server would otherwise start MLflow's huey job processes, which tfharness never uses and which
-# took about a tenth of the suite's CPU time.
+# cost the suite CPU time (benchmarks/results.md, "Test suite").
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 import tfharness  # noqa: E402

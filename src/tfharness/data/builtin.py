@@ -29,8 +29,8 @@ def load_digits() -> Tuple[np.ndarray, np.ndarray]:
     labels 0..9, as ``sklearn.datasets.load_digits`` returns them.
 
     The file is read straight from scikit-learn's installed package when it is where scikit-learn
-    keeps it, without importing scikit-learn: that import takes about a second of the GIL, which
-    a run's start shares with TensorFlow's import. Private: ``datasets/data/digits.csv.gz`` is
+    keeps it, without importing scikit-learn: that import (SciPy and more) would hold the GIL
+    that a run's start shares with TensorFlow's import. Private: ``datasets/data/digits.csv.gz`` is
     scikit-learn's own layout, not an API; where it is not found, ``load_digits`` is called
     (tests/test_private_apis.py checks that the file is found and that both agree).
     """
