@@ -68,10 +68,10 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
     cfg_hash = ckpt_lib.config_hash(cfg)
     held = prepare.resume_target(cfg, cfg_hash)  # a resumed run's checkpoints, locked
     resumed = held.state if held is not None else None
-    # The tracker first: it opens the store (imports MLflow, checks the schema) on a thread
-    # while this one loads the data and TensorFlow.
-    tracker = tracking.make_tracker(cfg.tracking)
+    # TensorFlow imports on a thread while this one loads the data; the tracker then opens the
+    # store (imports MLflow, checks the schema) on another, while this one builds the model.
     importer = prepare.import_tensorflow_meanwhile()
+    tracker = tracking.make_tracker(cfg.tracking, after=importer)
     # The run sets its dtype policy (prepare); the caller's comes back when it ends.
     with model_lib.restoring_policy(importer), \
             run_ending(tracker, importer, held) as ending:

@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Optional
+
 from tfharness.config import TrackingConfig
 from tfharness.tracking.backends import in_process_tracker
 from tfharness.tracking.base import Tracker, ending_of
@@ -32,14 +35,14 @@ __all__ = ["MODEL_URI_TAG", "PARAM_BATCH", "PARAM_VALUE_LIMIT", "MlflowTracker",
            "sqlite_artifact_root"]
 
 
-def make_tracker(cfg: TrackingConfig) -> Tracker:
+def make_tracker(cfg: TrackingConfig, after: Optional[threading.Thread] = None) -> Tracker:
     """The run's tracker: none with ``tracking=off``, else the MLflow tracker of
-    ``tracking.async_backend``, which starts opening the store now, on a thread, while this
-    process loads the data and TensorFlow."""
+    ``tracking.async_backend``, which opens the store on a thread while this process loads the
+    data and builds the model, once ``after`` (TensorFlow's import, if any) is done."""
     if cfg.name == "off":
         return Tracker()
     tracker = in_process_tracker(cfg)
-    tracker.connect_meanwhile()
+    tracker.connect_meanwhile(after)
     return tracker
 
 

@@ -95,10 +95,20 @@ class MlflowTracker(Tracker):
         except Exception as exc:
             self._connect_error = exc
 
-    def connect_meanwhile(self) -> None:
+    def connect_meanwhile(self, after: Optional[threading.Thread] = None) -> None:
         """Starts :meth:`connect` on a thread, while this process loads data and TensorFlow;
-        :meth:`start` waits for it."""
-        self._connecting = threading.Thread(target=self.connect, daemon=True,
+        :meth:`start` waits for it.
+
+        ``after``: a thread to let finish first (the run's TensorFlow import). MLflow's import
+        and TensorFlow's hold the GIL most of the time: run at once, they finish later than run
+        one after the other, and the run needs TensorFlow first (to build its model).
+        """
+        def connect_after() -> None:
+            if after is not None:
+                after.join()
+            self.connect()
+
+        self._connecting = threading.Thread(target=connect_after, daemon=True,
                                             name="tfharness-mlflow-connect")
         self._connecting.start()
 
