@@ -720,9 +720,12 @@ def main() -> None:
     if args.only == "tracking":
         lines = tracking_variant_lines(tracking_variants(root, 1 if args.quick else args.repeats))
         output = Path(args.output)
-        output.write_text(replace_save_formats(
-            output.read_text() if output.exists() else "# tfharness benchmark\n", lines,
-            TRACKING_SECTION))
+        text = output.read_text() if output.exists() else "# tfharness benchmark\n"
+        if TRACKING_SECTION not in text:
+            # Under a heading of its own: sections rewritten up to the next heading (the
+            # pretrain-cache one) must not take it with them.
+            text = text.rstrip("\n") + "\n\n## Tracking variants\n"
+        output.write_text(replace_save_formats(text, lines, TRACKING_SECTION))
         print("\n".join(lines))
         return
     if args.only == "pretrain-cache":
