@@ -252,12 +252,13 @@ def test_sigterm_stops_promptly_marks_the_run_killed_and_keeps_the_checkpoint(tm
     assert "SIGTERM" in run.data.tags["error"]
     state = state_of(tmp_path)
     assert (state.status, state.epochs, state.checkpoint) == (
-        "killed", {"pretrain": 2}, "pretrain-e0002.weights.npz")
+        "killed", {"pretrain": 2}, "pretrain-e0002.npz")
     run_dir = tmp_path / "checkpoints" / state.run_id
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "lock", "pretrain-e0002.weights.npz", "state.json"]  # the temporary was removed
-    with np.load(run_dir / "pretrain-e0002.weights.npz") as saved:  # complete and readable
-        assert int(saved["__model__"]) > 0 and len(saved.files) > int(saved["__model__"]) + 1
+        "lock", "pretrain-e0002.npz", "state.json"]  # the temporary was removed
+    model_arrays, optimizer_arrays = checkpoint.RunCheckpoints(
+        tmp_path / "checkpoints", state).load_arrays("pretrain-e0002")  # complete and readable
+    assert model_arrays and optimizer_arrays
 
 
 def test_a_nan_loss_fails_the_run_at_that_epoch_and_keeps_the_last_good_checkpoint(
@@ -270,9 +271,9 @@ def test_a_nan_loss_fails_the_run_at_that_epoch_and_keeps_the_last_good_checkpoi
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "finetune/loss")]
     assert len(losses) == 1 and np.isfinite(losses[0])  # the NaN epoch was never logged
     state = checkpoint.RunState.read(tmp_path / "checkpoints" / run.info.run_id / "state.json")
-    assert state.status == "failed" and state.checkpoint == "finetune-0-e0001.weights.npz"
-    with np.load(tmp_path / "checkpoints" / run.info.run_id / state.checkpoint) as good:
-        weights = [good[f"v{i}"] for i in range(int(good["__model__"]))]
+    assert state.status == "failed" and state.checkpoint == "finetune-0-e0001.npz"
+    weights, _ = checkpoint.RunCheckpoints(tmp_path / "checkpoints", state).load_arrays(
+        "finetune-0-e0001")
     assert weights and all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f")
     with pytest.raises(ConfigError, match="an interrupted run; run .* is failed"):
         tfharness.run(make_cfg([*RUN, "finetune.learning_rate=1e35",

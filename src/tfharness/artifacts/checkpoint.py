@@ -7,13 +7,12 @@ Hydra folder each time). It holds:
   verified, a fine-tune stage reported...), how many epochs each phase completed, the newest
   checkpoint file, and a ledger of every metric point the run logged, so a resumed run can
   deliver what the dead process had queued but not sent, and skip what is done;
-* ``<phase>-e<epochs>.weights.npz``: every variable of the model after the last completed epoch
-  of a phase (weights, BatchNormalization statistics, dropout seed state) and of its optimizer,
-  so the resumed epochs take the same steps the lost ones would have. A resumed run rebuilds the
-  same model and compiles it the same way, so the variables are stored by position, with their
-  shapes checked on restore, as ``get_weights``/``set_weights`` do. An ``.npz`` of arrays is
-  written several times faster than a ``.keras`` archive (no config, no zip), and it is written
-  at every epoch;
+* ``<phase>-e<epochs>.npz``: every variable of the model after the last completed epoch of a
+  phase (weights, BatchNormalization statistics, dropout seed state) and of its optimizer, so the
+  resumed epochs take the same steps the lost ones would have. A resumed run rebuilds the same
+  model and compiles it the same way, so the variables are stored by position, with their shapes
+  checked on restore, as ``get_weights``/``set_weights`` do. Arrays are written far faster than
+  a ``.keras`` archive (no config, no zip), and this is written at every epoch;
 * ``stage-<i>-before.npz``: the weights at the start of a fine-tune stage, which the stage's
   report and its frozen-weights check compare against;
 * ``lock``: held (``flock``) by the process running the run; a run whose lock is free while its
@@ -251,20 +250,20 @@ class RunCheckpoints:
 
     # -------------------------------------------------------------------------- checkpoints
     def save_epoch(self, model, phase: str, epochs_done: int, metrics: Dict[str, float],
-                   step: int, values: Optional[List[np.ndarray]] = None) -> None:
+                   step: int, values: Optional[List[List[np.ndarray]]] = None) -> None:
         """Writes the phase's checkpoint after ``epochs_done`` epochs, then the state naming it.
 
-        ``values``: the arrays of :func:`state_variables`, when the caller already read them.
+        ``values``: :func:`state_arrays` of ``model``, when the caller already read them.
         """
-        name = f"{phase.replace('/', '-')}-e{epochs_done:04d}{CHECKPOINT_SUFFIX}"
-        write_variables(self.dir / name, model, values)
+        name = f"{phase.replace('/', '-')}-e{epochs_done:04d}"
+        self.save_arrays(name, values if values is not None else state_arrays(model))
         previous = self.state.checkpoint
-        self.state.checkpoint = name
+        self.state.checkpoint = f"{name}.npz"
         self.state.epochs[phase] = epochs_done
         for key, value in metrics.items():
             self.state.metrics.append([key, float(value), int(step)])
         self.save_state()
-        if previous and previous != name:
+        if previous and previous != self.state.checkpoint:
             (self.dir / previous).unlink(missing_ok=True)
 
     def restore(self, model, phase: str) -> int:
@@ -276,19 +275,34 @@ class RunCheckpoints:
         done = self.state.phase_epochs(phase)
         if done == 0:
             return 0
-        path = self.dir / self.state.checkpoint
         # The optimizer's variables exist only once it is built; then they can be filled.
         model.optimizer.build(model.trainable_variables)
-        read_variables(path, model, optimizer=True)
-        log.info("%s: restored epoch %d from %s", phase, done, path)
+        self._assign_newest(model, optimizer=True)
+        log.info("%s: restored epoch %d from %s", phase, done, self.dir / self.state.checkpoint)
         return done
 
     def load_newest_weights(self, model) -> bool:
         """Copies the newest checkpoint's model variables (not its optimizer's) into ``model``."""
         if not self.state.checkpoint:
             return False
-        read_variables(self.dir / self.state.checkpoint, model, optimizer=False)
+        self._assign_newest(model, optimizer=False)
         return True
+
+    def _assign_newest(self, model, optimizer: bool) -> None:
+        """Assigns the newest checkpoint's arrays to ``model``'s variables (and its
+        optimizer's); raises HarnessError, assigning nothing, when they do not fit."""
+        name = self.state.checkpoint
+        saved = self.load_arrays(name[:-len(".npz")]) if name.endswith(".npz") else None
+        if saved is None or len(saved) != 2:
+            saved = [[], []]  # not a checkpoint this version writes: refused below
+        model_part, optimizer_part = state_variables(model)
+        targets = model_part + (optimizer_part if optimizer else [])
+        arrays = saved[0] + (saved[1] if optimizer else [])
+        if [tuple(v.shape) for v in targets] != [a.shape for a in arrays]:
+            raise HarnessError(f"The checkpoint {self.dir / name} does not fit this model: it "
+                               f"was written by another config (or another tfharness).")
+        for variable, value in zip(targets, arrays):
+            variable.assign(value)
 
     def save_arrays(self, name: str, layers: List[List[np.ndarray]]) -> None:
         arrays = {f"l{i}_w{j}": w for i, layer in enumerate(layers) for j, w in enumerate(layer)}
@@ -322,54 +336,16 @@ class RunCheckpoints:
             self.release()
 
 
-CHECKPOINT_SUFFIX = ".weights.npz"
-
-
-def state_variables(model, optimizer: bool = True) -> list:
+def state_variables(model) -> tuple:
     """The variables a resumed phase needs, in a fixed order: the model's (``model.variables``:
-    weights, BatchNormalization statistics, dropout seed state), then its optimizer's."""
-    variables = list(model.variables)
-    if optimizer and getattr(model, "optimizer", None) is not None:
-        variables += list(model.optimizer.variables)
-    return variables
+    weights, BatchNormalization statistics, dropout seed state), and its optimizer's."""
+    optimizer = getattr(model, "optimizer", None)
+    return list(model.variables), list(optimizer.variables) if optimizer is not None else []
 
 
-def write_variables(path: Path, model, values: Optional[List[np.ndarray]] = None) -> None:
-    """Writes :func:`state_variables` of ``model`` to ``path`` (an ``.npz``), atomically; the
-    model's own count is stored so the optimizer's part can be told apart on restore."""
-    if values is None:
-        values = [np.asarray(v.numpy()) for v in state_variables(model)]
-    arrays = {f"v{i}": value for i, value in enumerate(values)}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, __model__=np.array(len(model.variables)), **arrays)
-
-    atomic_write(path, write)
-
-
-def read_variables(path: Path, model, optimizer: bool) -> None:
-    """Assigns the arrays of a checkpoint written by :func:`write_variables` to ``model``'s
-    variables (and its optimizer's with ``optimizer``).
-
-    Raises:
-        HarnessError: the checkpoint holds other variables than the model (another architecture
-            or optimizer): nothing is assigned.
-    """
-    targets = state_variables(model, optimizer)
-    with np.load(path) as archive:
-        in_model = int(archive["__model__"])
-        count = len(archive.files) - 1
-        arrays = [archive[f"v{i}"] for i in range(count if optimizer else in_model)]
-    expected = [tuple(v.shape) for v in targets]
-    if in_model != len(model.variables) or [a.shape for a in arrays] != expected:
-        raise HarnessError(f"The checkpoint {path} does not fit this model: it holds "
-                           f"{in_model} model variables and {count - in_model} optimizer "
-                           f"variables, of other shapes than the model's {len(model.variables)}"
-                           f" and {len(targets) - len(model.variables)}; it was written by "
-                           f"another config.")
-    for variable, value in zip(targets, arrays):
-        variable.assign(value)
+def state_arrays(model) -> List[List[np.ndarray]]:
+    """The values of :func:`state_variables`: ``[model arrays, optimizer arrays]``."""
+    return [[np.asarray(v.numpy()) for v in part] for part in state_variables(model)]
 
 
 def _all_finite(values: List[np.ndarray]) -> bool:
@@ -395,11 +371,11 @@ def epoch_checkpointer(checkpoints: RunCheckpoints, tracker, phase: str, prefix:
             logs = {k: float(v) for k, v in (logs or {}).items()
                     if np.isscalar(v) or np.ndim(v) == 0}
             loss = logs.get("loss")
-            values = [np.asarray(v.numpy()) for v in state_variables(self.model)]
+            values = state_arrays(self.model)
             fault = None
             if loss is not None and not np.isfinite(loss):
                 fault = f"The training loss became {loss}"
-            elif not _all_finite(values[:len(self.model.variables)]):
+            elif not _all_finite(values[0]):
                 # Keras clips probabilities before the log, so NaN outputs can leave the
                 # reported loss finite while the weights are already NaN.
                 fault = f"The weights became NaN or infinite (reported loss {loss})"

@@ -116,7 +116,6 @@ def open_run(store: Store, cfg: TrackingConfig, run_name: str, tags: Dict[str, s
                     "the run", deadline_s=OPEN_RETRY_S, found=created_meanwhile)
 
 
-
 def reopen(store: Store, run_id: str, tags: Dict[str, str]) -> None:
     """Sets a resumed run RUNNING again, counting its resumes."""
     client = store.client
