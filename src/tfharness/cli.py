@@ -7,6 +7,7 @@ line (the full traceback with ``HYDRA_FULL_ERROR=1``). Nothing here imports Tens
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ import hydra  # noqa: E402
 from hydra.errors import CompactHydraException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from tfharness import heap  # noqa: E402
 from tfharness.config import register_configs  # noqa: E402
 from tfharness.config.compose import compose  # noqa: E402,F401 (tfharness.cli.compose, as before)
 from tfharness.config.targets import import_current_folder  # noqa: E402
@@ -188,6 +190,8 @@ def main() -> None:
         return
     from tfharness import sweeps
     from tfharness.pipeline import ending
+
+    atexit.register(heap.freeze_at_exit)
 
     sweeps.ACTIVE = None
     ending.LEAVE_IMPORTS_RUNNING = True

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from tfharness import data as data_lib
+from tfharness import heap
 from tfharness import finetune as ft_lib
 from tfharness import models as model_lib
 from tfharness import sources as sources_lib
@@ -71,7 +72,7 @@ def import_tensorflow_meanwhile() -> Optional[threading.Thread]:
 
     def load() -> None:
         try:
-            import keras  # noqa: F401  (loads TensorFlow, its backend)
+            heap.import_frozen("keras")  # loads TensorFlow, its backend
         except BaseException:  # noqa: BLE001 - reported by the import that needs it
             pass
 

@@ -20,6 +20,7 @@ from typing import Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from tfharness import heap
 from tfharness import models as model_lib
 from tfharness import tracking
 from tfharness.artifacts import checkpoint as ckpt_lib
@@ -58,6 +59,7 @@ def run(cfg: HarnessConfig | DictConfig, overrides: Sequence[str] = (), *,
             sweep trial: a NaN objective is a failed trial, recorded as a FAILED run).
         tags: extra MLflow run tags.
     """
+    heap.collect_frozen_run()  # an earlier run's objects in this process, frozen with its imports
     resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
     cfg = to_typed(cfg)
     validate(cfg)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
+from tfharness import heap
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
 from tfharness.tracking import spool
@@ -56,7 +57,7 @@ def connect(cfg: TrackingConfig, own_retries: bool,
     the store is touched, returns False when the caller no longer wants it: then nothing is
     opened or created and :class:`ConnectAbandoned` is raised.
     """
-    import mlflow  # noqa: F401
+    heap.import_frozen("mlflow")
 
     if may_open is not None and not may_open():
         raise ConnectAbandoned(cfg.uri)
@@ -67,8 +68,7 @@ def connect(cfg: TrackingConfig, own_retries: bool,
     client, experiment_id = open_experiment(cfg.uri, cfg.experiment)
     if cfg.log_models:
         # What model logging imports, loaded now rather than while the first model waits.
-        import mlflow.models  # noqa: F401
-        import mlflow.pyfunc  # noqa: F401,F811
+        heap.import_frozen("mlflow.models", "mlflow.pyfunc")
     return Store(client, experiment_id, cfg.uri)
 
 
