@@ -4,6 +4,9 @@ used, saying why no public one does): these tests fail when an upgrade moves or 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -92,3 +95,22 @@ def test_the_digits_are_read_from_scikit_learns_file_as_load_digits_returns_them
     assert images.shape == (1797, 8, 8)
     np.testing.assert_array_equal(images, expected.images)
     np.testing.assert_array_equal(labels, expected.target)
+
+
+def test_keras_imports_without_scikit_learn_when_its_import_fails():
+    """pipeline/prepare.py (KerasWithoutScikitLearn): Keras treats a failed ``import sklearn``
+    as scikit-learn missing and still imports, defining its scikit-learn wrappers without it.
+    In a fresh interpreter, since this one may have imported Keras already."""
+    code = (
+        "import sys\n"
+        "from tfharness.pipeline.prepare import KerasWithoutScikitLearn\n"
+        "with KerasWithoutScikitLearn():\n"
+        "    import keras\n"
+        "assert 'sklearn' not in sys.modules and 'scipy.stats' not in sys.modules\n"
+        "assert hasattr(keras.wrappers, 'SKLearnClassifier')\n"
+        "import sklearn.base\n"  # the user's own import of it still works
+        "print('ok', sklearn.__version__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok ")

@@ -7,6 +7,7 @@ exists. TensorFlow is imported on a thread meanwhile (:func:`import_tensorflow_m
 
 from __future__ import annotations
 
+import importlib.abc
 import logging
 import os
 import sys
@@ -72,13 +73,43 @@ def import_tensorflow_meanwhile() -> Optional[threading.Thread]:
 
     def load() -> None:
         try:
-            heap.import_frozen("keras")  # loads TensorFlow, its backend
+            with KerasWithoutScikitLearn():
+                heap.import_frozen("keras")  # loads TensorFlow, its backend
         except BaseException:  # noqa: BLE001 - reported by the import that needs it
             pass
 
     thread = threading.Thread(target=load, name="tfharness-import-tensorflow", daemon=True)
     thread.start()
     return thread
+
+
+class KerasWithoutScikitLearn(importlib.abc.MetaPathFinder):
+    """While in this block, this thread's ``import sklearn`` fails as if scikit-learn were not
+    installed; other threads, and this one afterwards, import it as usual.
+
+    Keras imports scikit-learn when it is installed (MLflow installs it), only for its
+    scikit-learn estimators (``keras.wrappers.SKLearnClassifier`` and co.), which a run does not
+    use, and that import brings SciPy's statistics with it: about a second of CPU in every run,
+    on the path to training. That Keras then defines those wrappers without scikit-learn (they
+    say it is missing when built) is Keras' private behaviour, checked in
+    tests/test_private_apis.py.
+    """
+
+    def __enter__(self) -> "KerasWithoutScikitLearn":
+        if "sklearn" not in sys.modules:
+            self.thread = threading.get_ident()
+            sys.meta_path.insert(0, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] == "sklearn" and threading.get_ident() == self.thread:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden from Keras' import "
+                                      f"by tfharness)", name=fullname)
+        return None
 
 
 def prepare(cfg: HarnessConfig, tracker, cfg_hash: str, resumed, overrides: Sequence[str],
