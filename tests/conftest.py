@@ -170,6 +170,20 @@ def write_csv(path: Path, rows: int = 60, *, seed: int = 0, labels=("setosa", "v
     return path
 
 
+# The files that take longest (measured with --durations; a stale order costs time, not
+# correctness): scripts/test hands whole files to its workers in collection order, and a long
+# file handed out last would run alone at the end while the other workers sit idle.
+LONGEST_FIRST = ("test_crash.py", "test_pretrain_cache.py", "test_sweeps.py", "test_store.py",
+                 "test_transfer.py", "test_own_project.py", "test_sources.py", "test_runner.py",
+                 "test_data_runs.py", "test_distribute.py", "test_tracking.py",
+                 "test_ui_check.py", "test_cli.py", "test_serving.py", "test_mlflow_record.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Opt-in CPU accounting (``TFHARNESS_TEST_CPU=<file>``): appends each test's CPU seconds
