@@ -29,6 +29,6 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
 fi
 # tfharness is installed editable, so its modules are imported from src/. Where Python is told
 # not to write bytecode caches (PYTHONDONTWRITEBYTECODE, set on this project's machines), every
-# process would compile them again: compile them here (only the changed ones; well under a
-# second) so each run and each test's child process reads them compiled.
+# process would compile them again: compile them here (only the changed ones), so each run and
+# each test's child process reads them compiled.
 "$VENV/bin/python" -m compileall -q "$ROOT/src" >/dev/null || true

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from tfharness import data as data_lib
-from tfharness import heap
 from tfharness import finetune as ft_lib
+from tfharness import heap
 from tfharness import models as model_lib
 from tfharness import sources as sources_lib
 from tfharness.artifacts import checkpoint as ckpt_lib
@@ -89,8 +89,8 @@ class KerasWithoutScikitLearn(importlib.abc.MetaPathFinder):
 
     Keras imports scikit-learn when it is installed (MLflow installs it), only for its
     scikit-learn estimators (``keras.wrappers.SKLearnClassifier`` and co.), which a run does not
-    use, and that import brings SciPy's statistics with it: about a second of CPU in every run,
-    on the path to training. That Keras then defines those wrappers without scikit-learn (they
+    use, and that import brings SciPy's statistics with it: CPU time in every run, on the path
+    to training (figures in benchmarks/results.md). That Keras then defines those wrappers without scikit-learn (they
     say it is missing when built) is Keras' private behaviour, checked in
     tests/test_private_apis.py.
     """
