@@ -23,6 +23,7 @@ from tfharness.artifacts import checkpoint, serialization
 from tfharness.errors import ConfigError, NumericalError, SaveError
 
 import pause_in_save
+import prewarmed
 from conftest import TINY_SYNTHETIC, free_port, only_run, wait_for_server
 
 SRC = str(Path(tfharness.__file__).resolve().parents[1])
@@ -42,7 +43,7 @@ def harness(tmp: Path, *overrides: str, pause: str = "", env=None,
     if pause:
         fragment, marker, *seconds = pause.split(":")
         python = pause_in_save.command(fragment, Path(marker), *map(float, seconds))
-    return subprocess.Popen(
+    return prewarmed.Popen(
         [*python, "-m", "tfharness", *RUN, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
          f"checkpoint_root={tmp / 'checkpoints'}", "print_report=false", "resume=true",
          *overrides], cwd=tmp, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -177,7 +178,7 @@ def test_two_resumes_of_one_run_at_once_one_resumes_the_other_says_so(tmp_path):
     killed = only_run(client)
     first, second = harness(tmp_path), harness(tmp_path)  # both resume=true, started together
     outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
-    assert sorted(code for code, _ in outcomes) == [0, 1], outcomes
+    assert sorted(code for code, _ in outcomes) == [0, 1], [(c, e[-1500:]) for c, e in outcomes]
     (refused,) = [stderr for code, stderr in outcomes if code == 1]
     said = [line for line in refused.splitlines() if line.startswith("tfharness:")]
     assert len(said) == 1 and "being resumed elsewhere" in said[0] and "'resume'" in said[0]
@@ -188,6 +189,30 @@ def test_two_resumes_of_one_run_at_once_one_resumes_the_other_says_so(tmp_path):
     for key, points in histories(client, run.info.run_id).items():
         epochs = 4 if key.startswith("pretrain") else 3
         assert [step for step, _ in points] == list(range(epochs)), key  # each epoch once
+
+
+def test_a_resumer_that_has_the_lock_but_has_not_written_its_state_is_seen(tmp_path):
+    """The moment between a resuming process taking the lock and writing its state: the state
+    still names the killed process, as running and never resumed."""
+    import fcntl
+    import socket
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    held = checkpoint.RunCheckpoints(tmp_path, checkpoint.RunState(
+        run_id="r1", config_hash="h", output_dir=str(tmp_path), pid=gone.pid,
+        host=socket.gethostname()))
+    held.dir.mkdir()
+    held.save_state()
+    with open(held.dir / checkpoint.LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the resumer's lock
+        with pytest.raises(ConfigError, match="'resume'.*being resumed elsewhere"):
+            checkpoint.find_resumable(tmp_path, True, "h")
+        # Its own process alive and holding the lock: a run still going, not one to resume.
+        held.state.pid = os.getpid()
+        held.save_state()
+        assert checkpoint.find_resumable(tmp_path, True, "h") is None
+    assert checkpoint.find_resumable(tmp_path, True, "h").run_id == "r1"  # lock free: resumable
 
 
 def test_sigkill_leaves_the_run_running(tmp_path):
@@ -330,8 +355,8 @@ def test_atomic_write_killed_mid_replace_keeps_the_old_directory(tmp_path):
     code = ("from pathlib import Path; from tfharness.serialization import atomic_write\n"
             "def write(tmp):\n    tmp.mkdir(); (tmp / 'weights').write_text('new')\n"
             f"atomic_write(Path({str(target)!r}), write)\n")
-    process = subprocess.Popen([*pause_in_save.command("model", marker), "-c", code],
-                               env={**os.environ, "PYTHONPATH": SRC})
+    process = prewarmed.Popen([*pause_in_save.command("model", marker), "-c", code],
+                              env={**os.environ, "PYTHONPATH": SRC})
     wait_for(marker, process, timeout=30)
     process.kill()
     process.wait()
@@ -432,7 +457,7 @@ def test_a_server_still_down_at_the_end_gets_the_rest_from_the_spool(tmp_path, s
     client = mlflow.MlflowClient(server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("tfharness").experiment_id])
     assert run.info.status == "RUNNING"  # its end is in the spool until the sync
-    done = subprocess.run([sys.executable, "-m", "tfharness.sync", str(tmp_path / "spool")],
+    done = prewarmed.run([sys.executable, "-m", "tfharness.sync", str(tmp_path / "spool")],
                           env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "1 run(s) delivered" in done.stdout

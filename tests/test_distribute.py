@@ -16,13 +16,14 @@ from tfharness.config import to_typed, validate
 from tfharness.errors import ConfigError
 
 from conftest import TINY_SYNTHETIC, free_port
+import prewarmed
 
 
 def test_mirrored_on_two_logical_cpus_keeps_the_results_contract(tmp_path):
     """A new process (the CPU can only be split before TensorFlow starts) trains, saves,
     reloads, verifies, fine-tunes and registers with two replicas."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = subprocess.run(
+    out = prewarmed.run(
         [sys.executable, "-m", "tfharness", *TINY_SYNTHETIC, "model.units=[4]",
          "trainer.epochs=2", "finetune.epochs=2", "trainer.strategy=mirrored",
          "trainer.cpu_devices=2", "tracking.register=mirrored", f"tracking.uri={uri}",
@@ -66,7 +67,7 @@ def test_registering_needs_tracking(make_cfg):
 def _start_worker(index: int, ports, tmp_path, uri: str) -> subprocess.Popen:
     tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                  "task": {"type": "worker", "index": index}}
-    return subprocess.Popen(
+    return prewarmed.Popen(
         [sys.executable, "-m", "tfharness", *TINY_SYNTHETIC, "model.units=[4]",
          "trainer.epochs=2", "finetune.epochs=1", "trainer.strategy=multi_worker",
          f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}",
@@ -133,7 +134,7 @@ def test_multi_worker_refuses_what_would_put_its_workers_out_of_step(make_cfg, t
     validate(cfg)
     assert "multi_worker" in pretrain_cache.why_not(SimpleNamespace(cfg=cfg))
 
-    done = subprocess.run(
+    done = prewarmed.run(
         [sys.executable, "-m", "tfharness", "-m", *multi, "finetune.learning_rate=1e-2,1e-3",
          f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,

@@ -18,6 +18,7 @@ import mlflow
 import pytest
 
 from conftest import TINY_SYNTHETIC
+import prewarmed
 
 SWEPT = "finetune.learning_rate=0.01,0.001"
 # pretrain_cache=off: each child pretrains, so both have both models (tests/test_pretrain_cache.py
@@ -31,7 +32,7 @@ OPERATIONAL = ("output_dir", "checkpoint_root", "print_report", "resume", "track
 
 
 def tfharness(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tfharness", *args], cwd=cwd,
+    return prewarmed.run([sys.executable, "-m", "tfharness", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 

@@ -19,6 +19,7 @@ import pytest
 
 import tfharness
 from conftest import only_run
+import prewarmed
 from tfharness.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,8 +207,11 @@ def test_early_stopping_records_its_epoch_and_a_resume_does_not_train_past_it(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "finetune/loss")] == [0, 1]
 
 
-def example_command(*args, cwd=EXAMPLE, tmp):
-    return subprocess.run(
+def example_command(*args, cwd=EXAMPLE, tmp, fresh: bool = False):
+    """The example project's command line; ``fresh``: in a new interpreter (as for a bad
+    ``_target_``, reported before TensorFlow has imported), not a prewarmed one."""
+    launch = subprocess.run if fresh else prewarmed.run
+    return launch(
         [str(BIN / "tfharness"), *args, "pretrain_cache=off",
          f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
          f"checkpoint_root={tmp / 'checkpoints'}", f"hydra.run.dir={tmp / 'out'}",
@@ -217,7 +221,7 @@ def example_command(*args, cwd=EXAMPLE, tmp):
 
 
 def test_the_example_project_runs_through_the_command(tmp_path):
-    listed = subprocess.run([str(BIN / "tfharness"), "--config-dir", "configs", "--help"],
+    listed = prewarmed.run([str(BIN / "tfharness"), "--config-dir", "configs", "--help"],
                             cwd=EXAMPLE, capture_output=True, text=True, timeout=60)
     assert "model: cnn, keras_application, mlp, tower" in listed.stdout
     assert "data: blobs, csv, digits, image_folder, npz, synthetic, tfds" in listed.stdout
@@ -247,7 +251,7 @@ def test_the_example_project_runs_through_the_command(tmp_path):
 def test_a_bad_callback_from_the_command_is_one_line_and_exit_1(tmp_path):
     done = example_command("--config-dir", "configs", "experiment=own",
                            "trainer.callbacks=[{_target_: myproject.callbacks.Nope}]",
-                           tmp=tmp_path)
+                           tmp=tmp_path, fresh=True)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert ("tfharness: Invalid value for 'trainer.callbacks[0]._target_': got "

@@ -20,6 +20,7 @@ from tfharness.artifacts import integrity, serialization
 from tfharness.errors import ConfigError, IntegrityError, SourceError
 
 from conftest import only_run
+import prewarmed
 
 FEATURES = 12
 # Tiny synthetic data whose samples fit the 12-feature sources below.
@@ -179,7 +180,7 @@ def test_every_source_kind_loads_with_parity_and_fine_tunes(artifacts, make_cfg,
 def test_seed_example1_fine_tunes_from_the_command_line(artifacts, tmp_path):
     root, *_ = artifacts
     db = tmp_path / "cli.db"
-    done = subprocess.run(
+    done = prewarmed.run(
         [sys.executable, "-m", "tfharness", *SEED_DATA, "source=path",
          f"source.path={root / 'my_saved_model'}", "finetune.head.pop=0",
          f"tracking.uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'run'}",

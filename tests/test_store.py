@@ -19,6 +19,7 @@ from tfharness.tracking import store
 from tfharness.errors import TrackingError
 
 from conftest import ROOT, TINY_SYNTHETIC, free_port
+import prewarmed
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import stress_store  # noqa: E402
@@ -155,7 +156,7 @@ def test_race_errors_are_told_from_real_ones():
 def test_broken_tracking_uris_are_one_line_exit_1_and_no_run(tmp_path, backend):
     down = f"http://127.0.0.1:{free_port()}"
     for uri in ("ftp://nowhere", "sqlite:////proc/no/such.db", down):
-        done = subprocess.run(
+        done = prewarmed.run(
             [sys.executable, "-m", "tfharness", *TINY_SYNTHETIC, f"tracking.uri={uri}",
              f"tracking.async_backend={backend}", f"output_dir={tmp_path / 'out'}",
              f"checkpoint_root={tmp_path / 'ckpt'}", "print_report=false"],

@@ -17,12 +17,13 @@ import mlflow
 import pytest
 
 from conftest import TINY_SYNTHETIC
+import prewarmed
 
 TINY = [*TINY_SYNTHETIC, "print_report=false"]
 
 
 def sweep(*args, cwd: Path, uri: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return prewarmed.run(
         [sys.executable, "-m", "tfharness", "-m", *TINY, f"tracking.uri={uri}", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

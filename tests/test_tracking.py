@@ -16,6 +16,7 @@ from tfharness import tracking
 from tfharness.tracking import store
 
 from conftest import TINY_SYNTHETIC, free_port
+import prewarmed
 
 
 @pytest.mark.parametrize("backend", ["harness", "mlflow"])
@@ -27,8 +28,8 @@ def test_each_async_backend_records_the_whole_run(tmp_path, backend):
     script = (f"import tfharness\n"
               f"result = tfharness.run(tfharness.compose({overrides!r}))\n"
               f"print(result.run_id, sorted(result.model_uris), result.registered_versions)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
+    done = prewarmed.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_id, *rest = done.stdout.split("\n")[-2].split(" ", 1)
     assert rest == ["['finetuned', 'pretrained'] {'tiny': '1'}"]

@@ -6,7 +6,6 @@ save, reload, head swap, a staged fine-tune and the report, checked through Mlfl
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tfharness import serialization, sources
 from tfharness.errors import ConfigError
 
 import models_users_bring as users
+import prewarmed
 
 FEATURES = users.FEATURES
 VECTORS = ["data=synthetic", f"data.shape=[{FEATURES}]", "data.num_samples=40",
@@ -227,7 +227,7 @@ def test_feature_map_without_pooling_and_two_outputs_fail_from_the_command_line(
          "'model.name': got 'MobileNetV9'; allowed: a constructor of keras.applications:"),
     ]:
         source = [] if "model=keras_application" in args else ["source=path"]
-        done = subprocess.run([sys.executable, "-m", "tfharness", *args, *source,
+        done = prewarmed.run([sys.executable, "-m", "tfharness", *args, *source,
                                f"tracking.uri=sqlite:///{db}",
                                f"hydra.run.dir={tmp_path / 'run'}"],
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -122,6 +122,20 @@ def lock_is_held(run_dir: Path) -> bool:
     return False
 
 
+def process_alive(state: RunState) -> bool:
+    """Whether the process that last wrote ``state`` still runs; one on another host, which
+    this process cannot see, counts as alive."""
+    if state.host != socket.gethostname() or state.pid <= 0:
+        return True
+    try:
+        os.kill(state.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def _states(root: Path) -> List[RunState]:
     states = []
     if not root.is_dir():
@@ -157,8 +171,10 @@ def find_resumable(root: str | os.PathLike, resume, cfg_hash: str) -> Optional[R
         held = {s.run_id for s in interrupted if lock_is_held(root / s.run_id)}
         candidates = [s for s in interrupted if s.run_id not in held]
         newest = max(interrupted, key=lambda s: s.updated, default=None)
+        # Held, and its own process is gone (or it was resumed before): a resuming process holds
+        # it, possibly one that has taken the lock and not yet written its state.
         if newest is not None and newest.run_id in held and (
-                newest.status == "killed" or newest.resumes > 0):
+                newest.status == "killed" or newest.resumes > 0 or not process_alive(newest)):
             # The run this command would continue is being continued by another process now.
             raise ConfigError("resume", resume, f"an interrupted run no other process is "
                               f"resuming; run {newest.run_id} is being resumed elsewhere "

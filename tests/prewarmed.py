@@ -1,0 +1,300 @@
+"""Test-only: Python command lines run in processes forked from one that imported TensorFlow,
+Keras, MLflow and tfharness already.
+
+Each ``python -m tfharness ...`` a test starts spends seconds of CPU importing TensorFlow and
+MLflow before it does what the test is about (a crash, a resume, an exit status, a sweep). On the
+suite's 2 cores those imports were a large share of its time (benchmarks/results.md, "Test
+suite"). Here one server process per test process imports them once; each command line then runs
+in a process forked from it, with its own pid, working folder, environment, standard streams,
+session, exit status and signals, so killing it, reading its stderr or waiting for it is what it
+is for a process started by ``subprocess``.
+
+What such a process does not exercise is the start of a fresh interpreter: the imports, and the
+harness's importing TensorFlow on a thread while it loads the data. Tests of those (tests/
+test_cli.py, test_heap.py, test_private_apis.py) start real interpreters with ``subprocess``.
+
+Use it as ``subprocess``: ``prewarmed.run([sys.executable, "-m", "tfharness", ...],
+capture_output=True, text=True, cwd=..., env=...)`` or ``prewarmed.Popen(...)``. It runs
+``python -m MODULE``, ``python -c CODE``, ``python SCRIPT`` and the environment's console scripts
+(``bin/tfharness``); anything else is refused.
+
+How: the server (``python tests/prewarmed.py SOCKET``) listens on a Unix socket. A request is the
+command line, folder, environment and whether to start a new session, with the three standard
+streams passed as file descriptors. The server forks a watcher, which forks the command's process
+and reports its pid and then its wait status; the server itself never waits, and the command's
+process is the one a test signals. :class:`Popen` is ``subprocess.Popen`` with the three methods
+that start and wait for a child replaced (``_execute_child``, ``_try_wait``, ``_internal_poll``:
+private methods of this Python's ``subprocess``, so ``communicate``, timeouts, pipes and text mode
+are the standard library's own).
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+BIN = Path(sys.executable).parent
+_HEADER = 8  # bytes of the request's length, in hex
+
+
+# ----------------------------------------------------------------------------------- server
+def _import_everything() -> None:
+    """What a tfharness process imports, the way it imports it (its own import machinery)."""
+    from tfharness import heap
+    from tfharness.pipeline.prepare import KerasWithoutScikitLearn
+
+    with KerasWithoutScikitLearn():
+        heap.import_frozen("keras")
+    heap.import_frozen("mlflow", "mlflow.models", "mlflow.pyfunc")
+    heap.import_frozen("hydra", "tfharness.cli", "tfharness.pipeline.runner", "tfharness.sweeps",
+                       "tfharness.sync", "tfharness.rerun")
+
+
+def _die_with_parent(parent: int) -> None:
+    """The server ends when the test process that started it does, however it ends (Linux)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before this was set
+        os._exit(0)
+
+
+def _receive(conn: socket.socket) -> tuple:
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    while len(data) < _HEADER or len(data) < _HEADER + int(data[:_HEADER], 16):
+        more = conn.recv(1 << 16)
+        if not more:
+            raise EOFError("request cut short")
+        data += more
+    return json.loads(data[_HEADER:_HEADER + int(data[:_HEADER], 16)]), fds
+
+
+def _serve(path: str, parent: int) -> dict:
+    """Answers requests until stopped; returns only in a command's process, with its request."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the watchers are reaped by the kernel
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    _die_with_parent(parent)
+    print("ready", flush=True)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    while True:
+        conn, _ = listener.accept()
+        try:
+            request, fds = _receive(conn)
+        except (OSError, EOFError, ValueError):
+            conn.close()
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:  # the watcher
+            listener.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            pid = os.fork()
+            if pid == 0:  # the command's process
+                conn.close()
+                _become(request, fds)
+                return request
+            for fd in fds:
+                os.close(fd)
+            try:
+                conn.sendall(f"{pid}\n".encode())
+                _, status = os.waitpid(pid, 0)
+                conn.sendall(f"{status}\n".encode())
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+def _become(request: dict, fds: list) -> None:
+    """Turns this forked process into the one ``subprocess`` would have started."""
+    if request["new_session"]:
+        os.setsid()
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for key, value in _SET_BY_IMPORTS.items():  # as the imports would have, in a fresh process
+        os.environ.setdefault(key, value)
+
+
+def _run_command(args: list) -> None:
+    """Runs ``args`` (what follows ``python``) as the interpreter would, as ``__main__``."""
+    import runpy
+    import types
+
+    if args[0] == "-m":
+        sys.argv = ["-m", *args[2:]]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    elif args[0] == "-c":
+        sys.argv = ["-c", *args[2:]]
+        sys.path[0] = ""
+        main = types.ModuleType("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(args[1], "<string>", "exec"), main.__dict__)
+    else:
+        sys.argv = list(args)
+        sys.path[0] = str(Path(args[0]).resolve().parent)
+        runpy.run_path(args[0], run_name="__main__")
+
+
+# ----------------------------------------------------------------------------------- client
+class _Server:
+    """This process's server, started on first use and stopped when this process exits."""
+
+    lock = threading.Lock()
+    process: subprocess.Popen | None = None
+    path = ""
+
+    @classmethod
+    def address(cls) -> str:
+        with cls.lock:
+            if cls.process is None or cls.process.poll() is not None:
+                folder = tempfile.mkdtemp(prefix="tfharness-prewarmed-")
+                cls.path = os.path.join(folder, "socket")
+                cls.process = subprocess.Popen(
+                    [sys.executable, str(HERE), cls.path, str(os.getpid())], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                line = cls.process.stdout.readline()
+                if line.strip() != "ready":
+                    cls.process.kill()
+                    raise RuntimeError(f"the prewarmed server did not start: {line!r}")
+                atexit.register(cls.stop)
+            return cls.path
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.process is not None and cls.process.poll() is None:
+            cls.process.terminate()
+            cls.process.wait(timeout=30)
+
+
+def command_of(args) -> list:
+    """What follows ``python`` in ``args``; ValueError for what this module cannot run."""
+    args = [os.fspath(a) for a in args]
+    first = Path(args[0])
+    if args[0] == sys.executable or first.parent == BIN and first.name.startswith("python"):
+        rest = args[1:]
+        if rest and (rest[0] in ("-m", "-c") and len(rest) >= 2 or not rest[0].startswith("-")):
+            return rest
+    elif first.parent == BIN and first.is_file():
+        with open(first, "rb") as handle:
+            shebang = handle.readline()
+        if shebang.startswith(b"#!") and b"python" in shebang:
+            return args
+    raise ValueError(f"prewarmed runs python -m/-c/SCRIPT and {BIN}'s console scripts, not "
+                     f"{args!r}")
+
+
+_EXECUTE_CHILD = inspect.signature(subprocess.Popen._execute_child)
+
+
+class Popen(subprocess.Popen):
+    """``subprocess.Popen`` for a command line run by the prewarmed server."""
+
+    def _execute_child(self, *args) -> None:
+        call = _EXECUTE_CHILD.bind(self, *args).arguments
+        if call["preexec_fn"] is not None or call["pass_fds"] or call["executable"] is not None \
+                or call["shell"]:
+            raise ValueError("prewarmed.Popen takes no preexec_fn, pass_fds, executable or shell")
+        command = command_of(call["args"])
+        env = call["env"] if call["env"] is not None else os.environ
+        fds = [fd if fd != -1 else default for fd, default in
+               ((call["p2cread"], 0), (call["c2pwrite"], 1), (call["errwrite"], 2))]
+        request = json.dumps({
+            "command": command, "cwd": os.fspath(call["cwd"] or os.getcwd()),
+            "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
+            "new_session": bool(call["start_new_session"])}).encode()
+        self._channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._channel.connect(_Server.address())
+            socket.send_fds(self._channel, [b"%08x" % len(request) + request], fds)
+            self._buffer = b""
+            self.pid = int(self._line(block=True))
+        finally:
+            self._close_pipe_fds(call["p2cread"], call["p2cwrite"], call["c2pread"],
+                                 call["c2pwrite"], call["errread"], call["errwrite"])
+
+    def _try_wait(self, wait_flags):
+        line = self._line(block=not wait_flags & os.WNOHANG)
+        if line is None:
+            return 0, 0
+        self._channel.close()
+        return self.pid, int(line)
+
+    def _line(self, block: bool):
+        """The server's next line, or None when ``block`` is false and none has come."""
+        while b"\n" not in self._buffer:
+            if not block and not select.select([self._channel], [], [], 0)[0]:
+                return None
+            chunk = self._channel.recv(256)
+            if not chunk:
+                raise ChildProcessError(f"the prewarmed server lost process {self.pid}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def _internal_poll(self, _deadstate=None, **_):
+        if self.returncode is None and self._waitpid_lock.acquire(False):
+            try:
+                if self.returncode is None:
+                    pid, status = self._try_wait(os.WNOHANG)
+                    if pid == self.pid:
+                        self._handle_exitstatus(status)
+            finally:
+                self._waitpid_lock.release()
+        return self.returncode
+
+
+def run(*popenargs, input=None, capture_output=False, timeout=None, check=False, **kwargs):
+    """``subprocess.run`` with :class:`Popen`."""
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    with Popen(*popenargs, stdin=subprocess.PIPE if input is not None else
+               kwargs.pop("stdin", None), **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        except BaseException:
+            process.kill()
+            raise
+        retcode = process.poll()
+        if check and retcode:
+            raise subprocess.CalledProcessError(retcode, process.args, output=stdout,
+                                                stderr=stderr)
+    return subprocess.CompletedProcess(process.args, retcode, stdout, stderr)
+
+
+# What the server's imports added to the environment (tfharness.cli's defaults, for one).
+_SET_BY_IMPORTS: dict = {}
+
+if __name__ == "__main__":
+    _before = dict(os.environ)
+    _import_everything()
+    _SET_BY_IMPORTS.update({k: v for k, v in os.environ.items() if k not in _before})
+    _run_command(_serve(sys.argv[1], int(sys.argv[2]))["command"])
