@@ -136,7 +136,7 @@ def store(kind: str, folder: Path) -> Iterator[str]:
             yield url
 
 
-def poller(uri: str) -> subprocess.Popen:
+def poller(uri: str, launch=subprocess.Popen) -> subprocess.Popen:
     """Another MLflow client opening the store over and over while the runs start."""
     code = ("import mlflow, sys, time\n"
             "end = time.time() + 15\n"
@@ -146,8 +146,8 @@ def poller(uri: str) -> subprocess.Popen:
             "    except Exception:\n"
             "        pass\n"
             "    time.sleep(0.05)\n")
-    return subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return launch([sys.executable, "-c", code, uri], stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL)
 
 
 def check_round(uri: str, expected: int) -> List[str]:
@@ -172,13 +172,14 @@ def check_round(uri: str, expected: int) -> List[str]:
     return problems
 
 
-def one_round(kind: str, processes: int, poll: bool, folder: Path) -> dict:
+def one_round(kind: str, processes: int, poll: bool, folder: Path,
+              launch=subprocess.Popen) -> dict:
     folder.mkdir(parents=True)
     with store(kind, folder) as uri:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TFHARNESS_NO_SETUP": "1"}
         start = time.perf_counter()
-        side = poller(uri) if poll else None
-        jobs = [subprocess.Popen(
+        side = poller(uri, launch) if poll else None
+        jobs = [launch(
             [sys.executable, "-m", "tfharness", *RUN, f"trainer.seed={i}", f"tracking.uri={uri}",
              f"output_dir={folder / f'out{i}'}", f"checkpoint_root={folder / f'ckpt{i}'}",
              f"hydra.run.dir={folder / f'hydra{i}'}"],
@@ -201,7 +202,10 @@ def one_round(kind: str, processes: int, poll: bool, folder: Path) -> dict:
             "errors": errors, "problems": problems}
 
 
-def main(argv=None) -> int:
+def main(argv=None, launch=subprocess.Popen) -> int:
+    """``launch``: what starts the Python processes (the runs and the poller), called as
+    ``subprocess.Popen`` is; the test suite passes one that starts them with TensorFlow and
+    MLflow imported already (tests/prewarmed.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
     rounds = []
     try:
         for number in range(1, args.rounds + 1):
-            outcome = one_round(args.store, args.processes, args.poll, top / f"round{number}")
+            outcome = one_round(args.store, args.processes, args.poll, top / f"round{number}",
+                                launch)
             rounds.append(outcome)
             print(f"round {number}: {args.processes} runs at once, "
                   f"{outcome['failed_processes']} failed, {len(outcome['problems'])} problems, "

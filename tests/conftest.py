@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # server would otherwise start MLflow's huey job processes, which tfharness never uses and which
 # cost the suite CPU time (benchmarks/results.md, "Test suite").
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# One TensorFlow thread per pool in every test process (children inherit it): the suite keeps
+# more processes busy than the machine has cores, where TensorFlow's own pools, each sized to
+# the cores, only add threads that wait for a core (benchmarks/results.md, "Test suite").
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import tfharness  # noqa: E402
 
@@ -173,10 +179,10 @@ def write_csv(path: Path, rows: int = 60, *, seed: int = 0, labels=("setosa", "v
 # The files that take longest (measured with --durations; a stale order costs time, not
 # correctness): scripts/test hands whole files to its workers in collection order, and a long
 # file handed out last would run alone at the end while the other workers sit idle.
-LONGEST_FIRST = ("test_crash.py", "test_pretrain_cache.py", "test_sweeps.py", "test_store.py",
-                 "test_transfer.py", "test_own_project.py", "test_sources.py", "test_runner.py",
-                 "test_data_runs.py", "test_distribute.py", "test_tracking.py",
-                 "test_ui_check.py", "test_cli.py", "test_serving.py", "test_mlflow_record.py")
+LONGEST_FIRST = ("test_crash.py", "test_sweeps.py", "test_transfer.py", "test_pretrain_cache.py",
+                 "test_own_project.py", "test_data_runs.py", "test_store.py", "test_runner.py",
+                 "test_sources.py", "test_cli.py", "test_tracking.py", "test_ui_check.py",
+                 "test_serving.py", "test_distribute.py", "test_mlflow_record.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -198,7 +204,9 @@ def pytest_runtest_protocol(item, nextitem):
     def cpu() -> float:
         own = resource.getrusage(resource.RUSAGE_SELF)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        prewarmed = sys.modules.get("prewarmed")  # its processes are not this one's children
+        return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+                + (prewarmed.children_cpu if prewarmed is not None else 0.0))
 
     start, wall = cpu(), time.time()
     try:

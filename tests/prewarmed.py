@@ -4,33 +4,35 @@ Keras, MLflow and tfharness already.
 Each ``python -m tfharness ...`` a test starts spends seconds of CPU importing TensorFlow and
 MLflow before it does what the test is about (a crash, a resume, an exit status, a sweep). On the
 suite's 2 cores those imports were a large share of its time (benchmarks/results.md, "Test
-suite"). Here one server process per test process imports them once; each command line then runs
-in a process forked from it, with its own pid, working folder, environment, standard streams,
-session, exit status and signals, so killing it, reading its stderr or waiting for it is what it
-is for a process started by ``subprocess``.
+suite"). Here one server process imports them once (one for all the pytest-xdist workers of a
+session, see :class:`_Server`); each command line then runs in a process forked from it, with its
+own pid, working folder, environment, standard streams, session, exit status and signals, so
+killing it, reading its stderr or waiting for it is what it is for a process started by
+``subprocess``.
 
 What such a process does not exercise is the start of a fresh interpreter: the imports, and the
 harness's importing TensorFlow on a thread while it loads the data. Tests of those (tests/
-test_cli.py, test_heap.py, test_private_apis.py) start real interpreters with ``subprocess``.
+test_cli.py, test_heap.py, test_private_apis.py, the bad-data tests) start real interpreters
+with ``subprocess``.
 
 Use it as ``subprocess``: ``prewarmed.run([sys.executable, "-m", "tfharness", ...],
 capture_output=True, text=True, cwd=..., env=...)`` or ``prewarmed.Popen(...)``. It runs
 ``python -m MODULE``, ``python -c CODE``, ``python SCRIPT`` and the environment's console scripts
 (``bin/tfharness``); anything else is refused.
 
-How: the server (``python tests/prewarmed.py SOCKET``) listens on a Unix socket. A request is the
-command line, folder, environment and whether to start a new session, with the three standard
-streams passed as file descriptors. The server forks a watcher, which forks the command's process
-and reports its pid and then its wait status; the server itself never waits, and the command's
-process is the one a test signals. :class:`Popen` is ``subprocess.Popen`` with the three methods
-that start and wait for a child replaced (``_execute_child``, ``_try_wait``, ``_internal_poll``:
-private methods of this Python's ``subprocess``, so ``communicate``, timeouts, pipes and text mode
-are the standard library's own).
+How: the server (``python tests/prewarmed.py SOCKET PID``) listens on a Unix socket until process
+PID ends. A request is the command line, folder, environment and whether to start a new session,
+with the three standard streams passed as file descriptors. The server forks a watcher, which
+forks the command's process and reports its pid and then its wait status and CPU time; the
+server itself never waits, and the command's process is the one a test signals. :class:`Popen`
+is ``subprocess.Popen`` with the three methods that start and wait for a child replaced
+(``_execute_child``, ``_try_wait``, ``_internal_poll``: private methods of this Python's
+``subprocess``, so ``communicate``, timeouts, pipes and text mode are the standard library's own).
 """
 
 from __future__ import annotations
 
-import atexit
+import fcntl
 import inspect
 import json
 import os
@@ -61,14 +63,14 @@ def _import_everything() -> None:
                        "tfharness.sync", "tfharness.rerun")
 
 
-def _die_with_parent(parent: int) -> None:
-    """The server ends when the test process that started it does, however it ends (Linux)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # it ended before this was set
-        os._exit(0)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _receive(conn: socket.socket) -> tuple:
@@ -81,18 +83,25 @@ def _receive(conn: socket.socket) -> tuple:
     return json.loads(data[_HEADER:_HEADER + int(data[:_HEADER], 16)]), fds
 
 
-def _serve(path: str, parent: int) -> dict:
+def _serve(path: str, watched: int) -> dict:
     """Answers requests until stopped; returns only in a command's process, with its request."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the watchers are reaped by the kernel
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    _die_with_parent(parent)
+    listener.settimeout(1.0)
     print("ready", flush=True)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            if not _alive(watched):  # the process it serves has ended: so does the server
+                os.unlink(path)
+                os._exit(0)
+            continue
+        conn.settimeout(None)
         try:
             request, fds = _receive(conn)
         except (OSError, EOFError, ValueError):
@@ -113,8 +122,8 @@ def _serve(path: str, parent: int) -> dict:
                 os.close(fd)
             try:
                 conn.sendall(f"{pid}\n".encode())
-                _, status = os.waitpid(pid, 0)
-                conn.sendall(f"{status}\n".encode())
+                _, status, usage = os.wait4(pid, 0)
+                conn.sendall(f"{status} {usage.ru_utime + usage.ru_stime}\n".encode())
             finally:
                 os._exit(0)
         for fd in fds:
@@ -161,34 +170,59 @@ def _run_command(args: list) -> None:
 
 # ----------------------------------------------------------------------------------- client
 class _Server:
-    """This process's server, started on first use and stopped when this process exits."""
+    """The server this process uses, started on first use.
+
+    The pytest-xdist workers of one session share one (a folder named by the session's
+    ``PYTEST_XDIST_TESTRUNUID``; the first worker to need it starts it, under a file lock), which
+    ends when the session's main process does. Otherwise each process has its own, which ends
+    with it.
+    """
 
     lock = threading.Lock()
-    process: subprocess.Popen | None = None
     path = ""
 
     @classmethod
     def address(cls) -> str:
         with cls.lock:
-            if cls.process is None or cls.process.poll() is not None:
-                folder = tempfile.mkdtemp(prefix="tfharness-prewarmed-")
-                cls.path = os.path.join(folder, "socket")
-                cls.process = subprocess.Popen(
-                    [sys.executable, str(HERE), cls.path, str(os.getpid())], stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, text=True,
-                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-                line = cls.process.stdout.readline()
-                if line.strip() != "ready":
-                    cls.process.kill()
-                    raise RuntimeError(f"the prewarmed server did not start: {line!r}")
-                atexit.register(cls.stop)
+            if cls.path and _answers(cls.path):
+                return cls.path
+            session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+            if session is None:  # this process only
+                cls.path = os.path.join(tempfile.mkdtemp(prefix="tfharness-prewarmed-"), "socket")
+                cls._start(os.getpid())
+                return cls.path
+            folder = Path(tempfile.gettempdir()) / f"tfharness-prewarmed-{session}"
+            folder.mkdir(exist_ok=True)
+            cls.path = str(folder / "socket")
+            with open(folder / "lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not _answers(cls.path):
+                    cls._start(os.getppid())  # the session's main process (xdist's controller)
             return cls.path
 
     @classmethod
-    def stop(cls) -> None:
-        if cls.process is not None and cls.process.poll() is None:
-            cls.process.terminate()
-            cls.process.wait(timeout=30)
+    def _start(cls, watched: int) -> None:
+        if os.path.exists(cls.path):
+            os.unlink(cls.path)  # a server that ended without removing it
+        process = subprocess.Popen(
+            [sys.executable, str(HERE), cls.path, str(watched)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        line = process.stdout.readline()
+        process.stdout.close()
+        if line.strip() != "ready":
+            process.kill()
+            raise RuntimeError(f"the prewarmed server did not start: {line!r}")
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def command_of(args) -> list:
@@ -209,6 +243,9 @@ def command_of(args) -> list:
 
 
 _EXECUTE_CHILD = inspect.signature(subprocess.Popen._execute_child)
+# CPU seconds (user + system) of the processes this process ran here and waited for, and of
+# theirs: what ``resource.getrusage(RUSAGE_CHILDREN)`` counts for a child it started itself.
+children_cpu = 0.0
 
 
 class Popen(subprocess.Popen):
@@ -242,7 +279,10 @@ class Popen(subprocess.Popen):
         if line is None:
             return 0, 0
         self._channel.close()
-        return self.pid, int(line)
+        status, cpu = line.split()
+        global children_cpu
+        children_cpu += float(cpu)
+        return self.pid, int(status)
 
     def _line(self, block: bool):
         """The server's next line, or None when ``block`` is false and none has come."""

@@ -27,17 +27,26 @@ import stress_store  # noqa: E402
 SRC = str(ROOT / "src")
 
 
-def stress(*args: str) -> dict:
-    """scripts/stress-store with ``args``; returns its JSON summary after checking its exit."""
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "stress-store"), *args], capture_output=True, text=True,
-        env={**os.environ, "TFHARNESS_NO_SETUP": "1", "PYTHONPATH": SRC}, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def stress(*args: str, capsys) -> dict:
+    """benchmarks/stress_store.py with ``args`` (what scripts/stress-store runs), its runs in
+    prewarmed processes; returns its JSON summary after checking its exit status."""
+    code = stress_store.main(list(args), launch=prewarmed.Popen)
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def test_runs_started_together_on_a_fresh_sqlite_store_all_finish_while_another_client_opens_it():
-    summary = stress("--processes", "3", "--rounds", "1", "--poll")
+def test_the_stress_script_runs_from_its_command():
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "stress-store"), "--help"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TFHARNESS_NO_SETUP": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--processes" in done.stdout and "--store" in done.stdout
+
+
+def test_runs_started_together_on_a_fresh_sqlite_store_all_finish_while_another_client_opens_it(
+        capsys):
+    summary = stress("--processes", "3", "--rounds", "1", "--poll", capsys=capsys)
     assert (summary["runs"], summary["failures"], summary["problems"]) == (3, 0, 0)
 
 
@@ -45,8 +54,8 @@ def test_runs_started_together_on_a_fresh_sqlite_store_all_finish_while_another_
                     "(apt-get install postgresql): initdb and pg_ctl are needed")
 @pytest.mark.skipif(importlib.util.find_spec("psycopg2") is None,
                     reason="psycopg2 (pip install psycopg2-binary) is not installed")
-def test_runs_started_together_on_a_server_backed_by_postgresql_all_finish():
-    summary = stress("--store", "postgres", "--processes", "3", "--rounds", "1")
+def test_runs_started_together_on_a_server_backed_by_postgresql_all_finish(capsys):
+    summary = stress("--store", "postgres", "--processes", "3", "--rounds", "1", capsys=capsys)
     assert (summary["runs"], summary["failures"], summary["problems"]) == (3, 0, 0)
 
 

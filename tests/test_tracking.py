@@ -67,6 +67,11 @@ def test_each_run_logs_with_the_environment_it_was_started_in(make_cfg, client, 
     second = tfharness.run(make_cfg(quick, out="second"))
     assert client.get_run(first.run_id).data.tags["mlflow.user"] == "first-user"
     assert client.get_run(second.run_id).data.tags["mlflow.user"] == "second-user"
+    # Without fine-tuning the pretrained model is the final one: one test measurement, both names.
+    metrics = client.get_run(first.run_id).data.metrics
+    assert {k: metrics[k] for k in ("pretrain/test_loss", "pretrain/test_accuracy")} == {
+        "pretrain/test_loss": metrics["test/loss"],
+        "pretrain/test_accuracy": metrics["test/accuracy"]}
 
 
 def test_tags_carry_the_git_commit_of_the_working_directory(tmp_path, monkeypatch):

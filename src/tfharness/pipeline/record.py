@@ -81,8 +81,11 @@ def test_metrics(ctx: RunContext, final_model, final_split) -> None:
     """Step 7: the final model on the held-out test split, as ``test/*``."""
     if ctx.ckpt.done("test"):
         return
-    test = evaluate(ctx.cfg, final_model, final_split)
-    test = {f"test/{k}": v for k, v in test.items()}
+    measured = evaluate(ctx.cfg, final_model, final_split)
+    test = {f"test/{k}": v for k, v in measured.items()}
+    if not ctx.cfg.finetune.enabled and ctx.source is None:
+        # The final model is the pretrained one (train.pretrain left this measurement here).
+        test.update({f"pretrain/test_{k}": v for k, v in measured.items()})
     ctx.ckpt.complete("test", test, 0)
     ctx.tracker.log_metrics(test)
 

@@ -138,23 +138,27 @@ def pretrain(ctx: RunContext) -> None:
     if ckpt.done("saved:pretrained"):
         return
     fitted = _train_phase(ctx, model, split, phase="pretrain", prefix="pretrain",
-                          done=_restore(ctx, model, "pretrain"), epochs=trainer.epochs, batch_size=trainer.batch_size,
-                          seed=trainer.seed, callbacks=(trainer.callbacks, "trainer.callbacks"),
+                          done=_restore(ctx, model, "pretrain"), epochs=trainer.epochs,
+                          batch_size=trainer.batch_size, seed=trainer.seed,
+                          callbacks=(trainer.callbacks, "trainer.callbacks"),
                           step_offset=0, label="pretraining")
     # The last epoch's values, for callers comparing runs (sweep objectives); the histories
     # themselves are in MLflow.
     ctx.result.metrics.update({f"pretrain/{k}": v for k, v in fitted.last_epoch.items()})
     if ckpt.done("pretrain-test"):
         return
-    pretrain_test = evaluate(cfg, model, split)
+    # Without fine-tuning the pretrained model is the final one: step 7 measures it on the test
+    # split once, on its reloaded copy, as pretrain/test_* and test/* (record.test_metrics).
+    pretrain_test = evaluate(cfg, model, split) if cfg.finetune.enabled else {}
     measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
                 **{f"pretrain/{k}": v for k, v in fitted.speed.items()}}
     # One-off figures of pretraining: one point each, not a point on the epoch axis.
     ckpt.complete("pretrain-test", measured, 0)
     tracker.log_metrics(measured)
     ctx.result.metrics.update(measured)
-    log.info("pretrain: %d epochs, test accuracy %.4f", trainer.epochs,
-             pretrain_test.get("accuracy", float("nan")))
+    if pretrain_test:
+        log.info("pretrain: %d epochs, test accuracy %.4f", trainer.epochs,
+                 pretrain_test.get("accuracy", float("nan")))
 
 
 def finetune(ctx: RunContext, pretrained):
