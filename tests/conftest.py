@@ -176,9 +176,10 @@ def write_csv(path: Path, rows: int = 60, *, seed: int = 0, labels=("setosa", "v
     return path
 
 
-# The files that take longest (measured with --durations; a stale order costs time, not
-# correctness): scripts/test hands whole files to its workers in collection order, and a long
-# file handed out last would run alone at the end while the other workers sit idle.
+# The files that take longest (their tests' wall time summed, from TFHARNESS_TEST_CPU; a stale
+# order costs time, not correctness): scripts/test hands whole files to its workers in
+# collection order (--no-loadscope-reorder), and a long file handed out last would run alone at
+# the end while the other workers sit idle.
 LONGEST_FIRST = ("test_crash.py", "test_sweeps.py", "test_transfer.py", "test_pretrain_cache.py",
                  "test_own_project.py", "test_data_runs.py", "test_store.py", "test_runner.py",
                  "test_sources.py", "test_cli.py", "test_tracking.py", "test_ui_check.py",

@@ -63,16 +63,6 @@ def _import_everything() -> None:
                        "tfharness.sync", "tfharness.rerun")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _receive(conn: socket.socket) -> tuple:
     data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
     while len(data) < _HEADER or len(data) < _HEADER + int(data[:_HEADER], 16):
@@ -85,6 +75,8 @@ def _receive(conn: socket.socket) -> tuple:
 
 def _serve(path: str, watched: int) -> dict:
     """Answers requests until stopped; returns only in a command's process, with its request."""
+    from tfharness.artifacts.checkpoint import pid_alive
+
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -97,7 +89,7 @@ def _serve(path: str, watched: int) -> dict:
         try:
             conn, _ = listener.accept()
         except socket.timeout:
-            if not _alive(watched):  # the process it serves has ended: so does the server
+            if not pid_alive(watched):  # the process it serves has ended: so does the server
                 os.unlink(path)
                 os._exit(0)
             continue

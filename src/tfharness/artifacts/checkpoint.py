@@ -127,8 +127,13 @@ def process_alive(state: RunState) -> bool:
     this process cannot see, counts as alive."""
     if state.host != socket.gethostname() or state.pid <= 0:
         return True
+    return pid_alive(state.pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (someone else's counts)."""
     try:
-        os.kill(state.pid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, someone else's

@@ -90,9 +90,9 @@ class KerasWithoutScikitLearn(importlib.abc.MetaPathFinder):
     Keras imports scikit-learn when it is installed (MLflow installs it), only for its
     scikit-learn estimators (``keras.wrappers.SKLearnClassifier`` and co.), which a run does not
     use, and that import brings SciPy's statistics with it: CPU time in every run, on the path
-    to training (figures in benchmarks/results.md). That Keras then defines those wrappers without scikit-learn (they
-    say it is missing when built) is Keras' private behaviour, checked in
-    tests/test_private_apis.py.
+    to training (figures in benchmarks/results.md). That Keras then defines those wrappers
+    without scikit-learn (they say it is missing when built) is Keras' private behaviour,
+    checked in tests/test_private_apis.py.
     """
 
     def __enter__(self) -> "KerasWithoutScikitLearn":
