@@ -10,6 +10,10 @@ own pid, working folder, environment, standard streams, session, exit status and
 killing it, reading its stderr or waiting for it is what it is for a process started by
 ``subprocess``.
 
+The worker processes of joblib's loky backend (Hydra's joblib launcher, in a sweep that runs
+here) start the same way: in a prewarmed process, loky's ``fork_exec`` asks the server for them
+(:func:`_loky_fork_exec`), with the pipes loky passes them at the same descriptor numbers.
+
 What such a process does not exercise is the start of a fresh interpreter: the imports, and the
 harness's importing TensorFlow on a thread while it loads the data. Tests of those (tests/
 test_cli.py, test_heap.py, test_private_apis.py, the bad-data tests) start real interpreters
@@ -48,6 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 BIN = Path(sys.executable).parent
 _HEADER = 8  # bytes of the request's length, in hex
+_MAX_FDS = 16  # descriptors one request may pass
 
 
 # ----------------------------------------------------------------------------------- server
@@ -61,10 +66,12 @@ def _import_everything() -> None:
     heap.import_frozen("mlflow", "mlflow.models", "mlflow.pyfunc")
     heap.import_frozen("hydra", "tfharness.cli", "tfharness.pipeline.runner", "tfharness.sweeps",
                        "tfharness.sync", "tfharness.rerun")
+    # What Hydra's joblib launcher starts its workers with (see _loky_fork_exec).
+    heap.import_frozen("joblib.externals.loky.backend.fork_exec")
 
 
 def _receive(conn: socket.socket) -> tuple:
-    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, _MAX_FDS)
     while len(data) < _HEADER or len(data) < _HEADER + int(data[:_HEADER], 16):
         more = conn.recv(1 << 16)
         if not more:
@@ -108,6 +115,7 @@ def _serve(path: str, watched: int) -> dict:
             pid = os.fork()
             if pid == 0:  # the command's process
                 conn.close()
+                _Server.path = path  # what it starts here is started by this server too
                 _become(request, fds)
                 return request
             for fd in fds:
@@ -127,11 +135,18 @@ def _become(request: dict, fds: list) -> None:
     """Turns this forked process into the one ``subprocess`` would have started."""
     if request["new_session"]:
         os.setsid()
-    for target, fd in zip((0, 1, 2), fds):
-        os.dup2(fd, target)
+    # Each passed descriptor to the number it had for the requester: first out of the way of
+    # every target, then into place.
+    low = max([*request["fds"], *fds]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, low) for fd in fds]
     for fd in fds:
-        if fd > 2:
-            os.close(fd)
+        os.close(fd)
+    for target, fd in zip(request["fds"], moved):
+        os.dup2(fd, target)
+        os.close(fd)
+    from joblib.externals.loky.backend import fork_exec
+
+    fork_exec.fork_exec = _loky_fork_exec
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -240,6 +255,44 @@ _EXECUTE_CHILD = inspect.signature(subprocess.Popen._execute_child)
 children_cpu = 0.0
 
 
+def _start(command: list, cwd, env, fds: dict, new_session: bool) -> socket.socket:
+    """Asks the server for a process running ``command`` (what follows ``python``) with the
+    descriptors ``fds`` (its number there: the descriptor here); returns the channel on which
+    the server reports its pid and then its end."""
+    if len(fds) > _MAX_FDS:
+        raise ValueError(f"prewarmed passes at most {_MAX_FDS} descriptors, not {len(fds)}")
+    request = json.dumps({
+        "command": command, "cwd": os.fspath(cwd), "fds": list(fds),
+        "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
+        "new_session": new_session}).encode()
+    channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        channel.connect(_Server.address())
+        socket.send_fds(channel, [b"%08x" % len(request) + request], list(fds.values()))
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
+def _loky_fork_exec(cmd, keep_fds, env=None) -> int:
+    """In a prewarmed process, in place of ``joblib.externals.loky.backend.fork_exec.fork_exec``
+    (same arguments; it starts ``python -m ...popen_loky_posix`` with the descriptors
+    ``keep_fds`` and the standard streams of this process): the server starts the worker. loky
+    learns of its worker's end through a pipe, as it does for its own; the worker is not a
+    child of this process, so its exit status is not known here."""
+    fds = {0: 0, 1: 1, 2: 2, **{int(fd): int(fd) for fd in keep_fds}}
+    channel = _start(command_of(cmd), os.getcwd(), {**os.environ, **(env or {})}, fds, False)
+    with channel:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = channel.recv(64)
+            if not chunk:
+                raise ChildProcessError("the prewarmed server started no loky worker")
+            line += chunk
+    return int(line)
+
+
 class Popen(subprocess.Popen):
     """``subprocess.Popen`` for a command line run by the prewarmed server."""
 
@@ -248,18 +301,13 @@ class Popen(subprocess.Popen):
         if call["preexec_fn"] is not None or call["pass_fds"] or call["executable"] is not None \
                 or call["shell"]:
             raise ValueError("prewarmed.Popen takes no preexec_fn, pass_fds, executable or shell")
-        command = command_of(call["args"])
-        env = call["env"] if call["env"] is not None else os.environ
-        fds = [fd if fd != -1 else default for fd, default in
-               ((call["p2cread"], 0), (call["c2pwrite"], 1), (call["errwrite"], 2))]
-        request = json.dumps({
-            "command": command, "cwd": os.fspath(call["cwd"] or os.getcwd()),
-            "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
-            "new_session": bool(call["start_new_session"])}).encode()
-        self._channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._channel.connect(_Server.address())
-            socket.send_fds(self._channel, [b"%08x" % len(request) + request], fds)
+            fds = {target: fd if fd != -1 else target for target, fd in
+                   ((0, call["p2cread"]), (1, call["c2pwrite"]), (2, call["errwrite"]))}
+            self._channel = _start(
+                command_of(call["args"]), call["cwd"] or os.getcwd(),
+                call["env"] if call["env"] is not None else os.environ, fds,
+                bool(call["start_new_session"]))
             self._buffer = b""
             self.pid = int(self._line(block=True))
         finally:
