@@ -388,7 +388,7 @@ class Server:
 
     def start(self) -> None:
         mlflow_bin = Path(sys.executable).parent / "mlflow"
-        self.process = subprocess.Popen(
+        self.process = prewarmed.Popen(  # its uvicorn worker is a fresh interpreter still
             [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
              "--artifacts-destination", str(self.folder / "server-artifacts"),

@@ -4,13 +4,13 @@ and in-memory round trips inside a run."""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import prewarmed
 import tfharness
 from tfharness.artifacts import serialization, serving
 from tfharness.config import SERVING_SIGNATURES, MlpConfig, to_typed, validate
@@ -44,8 +44,8 @@ def test_signatures_are_named_listed_by_saved_model_cli_and_exact(tmp_path):
 
     model, x = trained_mlp()
     path = serialization.save_model(model, tmp_path / "sm", "savedmodel", ALL)
-    shown = subprocess.run([str(SAVED_MODEL_CLI), "show", "--all", "--dir", str(path)],
-                           capture_output=True, text=True, timeout=120)
+    shown = prewarmed.run([str(SAVED_MODEL_CLI), "show", "--all", "--dir", str(path)],
+                          capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     for name in ["serving_default", *ALL]:
         assert f"signature_def['{name}']:" in shown.stdout
