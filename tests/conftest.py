@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -27,6 +28,17 @@ os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import tfharness  # noqa: E402
+from tfharness import heap  # noqa: E402
+from tfharness.pipeline.prepare import KerasWithoutScikitLearn  # noqa: E402
+
+# Each test process imports Keras and MLflow as a tfharness process does (tfharness.heap: no
+# full collection while importing, then frozen; Keras without scikit-learn), before the test
+# modules import them: the xdist workers' collection costs half the CPU it did, and the frozen
+# modules stay out of every later collection (benchmarks/results.md, "Test suite").
+with KerasWithoutScikitLearn():
+    heap.import_frozen("keras")
+heap.import_frozen("mlflow", "mlflow.models", "mlflow.pyfunc", "hydra")
+atexit.register(heap.freeze_at_exit)
 
 # Small enough to keep the suite quick on 2 cores, big enough for every split to be non-empty.
 TINY_SYNTHETIC = ["data=synthetic", "data.shape=[12]", "data.num_samples=60",
