@@ -33,8 +33,8 @@ from tfharness.pipeline.prepare import KerasWithoutScikitLearn  # noqa: E402
 
 # Each test process imports Keras and MLflow as a tfharness process does (tfharness.heap: no
 # full collection while importing, then frozen; Keras without scikit-learn), before the test
-# modules import them: the xdist workers' collection costs half the CPU it did, and the frozen
-# modules stay out of every later collection (benchmarks/results.md, "Test suite").
+# modules import them: the xdist workers' collection is cheaper, and the frozen modules stay out
+# of every later collection (figures: benchmarks/results.md, "Test suite").
 with KerasWithoutScikitLearn():
     heap.import_frozen("keras")
 heap.import_frozen("mlflow", "mlflow.models", "mlflow.pyfunc", "hydra")
