@@ -77,3 +77,10 @@ class RunContext:
     # The run whose pretrained model this run reused (pretrain_cache), if any.
     pretrain_reused_from: Optional[str] = None
     result: RunResult = field(default_factory=lambda: RunResult(run_id=None))
+
+    @property
+    def pretrained_is_final(self) -> bool:
+        """No fine-tuning and no source: the pretrained model is the run's final model, so its
+        one measurement on the test split (step 7, on its reloaded copy) is recorded as both
+        ``pretrain/test_*`` and ``test/*``."""
+        return not self.cfg.finetune.enabled and self.source is None

@@ -83,8 +83,7 @@ def test_metrics(ctx: RunContext, final_model, final_split) -> None:
         return
     measured = evaluate(ctx.cfg, final_model, final_split)
     test = {f"test/{k}": v for k, v in measured.items()}
-    if not ctx.cfg.finetune.enabled and ctx.source is None:
-        # The final model is the pretrained one (train.pretrain left this measurement here).
+    if ctx.pretrained_is_final:
         test.update({f"pretrain/test_{k}": v for k, v in measured.items()})
     ctx.ckpt.complete("test", test, 0)
     ctx.tracker.log_metrics(test)

@@ -147,9 +147,8 @@ def pretrain(ctx: RunContext) -> None:
     ctx.result.metrics.update({f"pretrain/{k}": v for k, v in fitted.last_epoch.items()})
     if ckpt.done("pretrain-test"):
         return
-    # Without fine-tuning the pretrained model is the final one: step 7 measures it on the test
-    # split once, on its reloaded copy, as pretrain/test_* and test/* (record.test_metrics).
-    pretrain_test = evaluate(cfg, model, split) if cfg.finetune.enabled else {}
+    # When it is the final model, step 7 measures it (record.test_metrics).
+    pretrain_test = {} if ctx.pretrained_is_final else evaluate(cfg, model, split)
     measured = {**{f"pretrain/test_{k}": v for k, v in pretrain_test.items()},
                 **{f"pretrain/{k}": v for k, v in fitted.speed.items()}}
     # One-off figures of pretraining: one point each, not a point on the epoch axis.
