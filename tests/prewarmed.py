@@ -283,13 +283,10 @@ def _loky_fork_exec(cmd, keep_fds, env=None) -> int:
     child of this process, so its exit status is not known here."""
     fds = {0: 0, 1: 1, 2: 2, **{int(fd): int(fd) for fd in keep_fds}}
     channel = _start(command_of(cmd), os.getcwd(), {**os.environ, **(env or {})}, fds, False)
-    with channel:
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = channel.recv(64)
-            if not chunk:
-                raise ChildProcessError("the prewarmed server started no loky worker")
-            line += chunk
+    with channel, channel.makefile("rb") as reader:
+        line = reader.readline()  # its pid; the report of its end is not waited for
+    if not line.endswith(b"\n"):
+        raise ChildProcessError("the prewarmed server started no loky worker")
     return int(line)
 
 
