@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,35 @@ def harness(tmp: Path, *overrides: str, pause: str = "", env=None,
 def logged_model_names(client, run) -> set:
     return {m.name for m in client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")}
+
+
+def tracking_processes_of(pid: int) -> list:
+    """The pids of the tfharness tracking processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if parent == pid and "tfharness.tracking.process" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int, timeout: float = 15) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, waiting for its (dead) parent's reaper
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def wait_for(marker: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -215,26 +245,59 @@ def test_a_resumer_that_has_the_lock_but_has_not_written_its_state_is_seen(tmp_p
     assert checkpoint.find_resumable(tmp_path, True, "h").run_id == "r1"  # lock free: resumable
 
 
-def test_sigkill_leaves_the_run_running(tmp_path):
+def test_sigkill_takes_the_tracking_process_with_it_and_leaves_the_run_running(tmp_path):
     marker = tmp_path / "paused"
-    process = harness(tmp_path, pause=f"pretrain-e0002:{marker}")
+    process = harness(tmp_path, "tracking.process=true", pause=f"pretrain-e0002:{marker}")
     wait_for(marker, process)
+    (tracker,) = tracking_processes_of(process.pid)
     process.kill()
     process.wait(timeout=30)
+    assert gone(tracker), "the tracking process outlived the killed training process"
     run = only_run(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     assert run.info.status == "RUNNING"  # as a killed process leaves it; the next run marks it
 
 
-def test_ctrl_c_to_the_process_group_ends_the_run_killed(tmp_path):
+def test_ctrl_c_to_the_process_group_ends_the_run_killed_through_the_tracking_process(tmp_path):
     marker = tmp_path / "paused"
-    process = harness(tmp_path, pause=f"pretrain-e0002:{marker}", own_group=True)
+    process = harness(tmp_path, "tracking.process=true", pause=f"pretrain-e0002:{marker}",
+                      own_group=True)
     wait_for(marker, process)
+    (tracker,) = tracking_processes_of(process.pid)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGINT, stderr
     run = only_run(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
     assert run.info.status == "KILLED"
     assert "SIGINT" in run.data.tags["error"]
+    assert gone(tracker)
+
+
+def test_a_dead_tracking_process_fails_the_run_clearly(tmp_path, make_cfg, monkeypatch, client):
+    from tfharness.tracking import process as tracking_process
+    from tfharness.errors import TrackingError
+
+    marker = tmp_path / "paused"
+    monkeypatch.setattr(serialization, "_fsync_tree",
+                        pause_in_save.pausing("pretrain-e0002", marker, 2))
+
+    def kill_tracking_process_at_the_pause() -> None:
+        deadline = time.time() + 90
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        tracking_process.shared_process().process.kill()
+
+    killer = threading.Thread(target=kill_tracking_process_at_the_pause)
+    killer.start()
+    with pytest.raises(TrackingError, match="tracking process is gone"):
+        tfharness.run(make_cfg([*RUN, "tracking.process=true"]))
+    killer.join()
+    run = only_run(client)
+    assert run.info.status == "FAILED"  # never left RUNNING, never FINISHED with holes
+    assert "tracking process is gone" in run.data.tags["error"]
+    # The next run starts a new tracking process (the marker exists: no pause this time).
+    result = tfharness.run(make_cfg([*RUN, "trainer.epochs=1", "finetune=none",
+                                     "tracking.process=true"], out="again"))
+    assert client.get_run(result.run_id).info.status == "FINISHED"
 
 
 def test_sigkill_during_a_model_save_leaves_the_old_state_and_resumes(tmp_path, make_cfg):

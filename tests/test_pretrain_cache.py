@@ -105,12 +105,16 @@ def test_one_claim_lands_and_a_failed_holder_is_a_clear_error(client):
     assert pretrain_cache.claim(client, parent, "ab" * 32, holder) == holder
     assert pretrain_cache.claim(client, parent, "ab" * 32, other) == holder
     client.set_tag(holder, "error", "NumericalError: loss is NaN")
+
+    def query(function, *args):  # what Tracker.query does with this store
+        return function(client, *args)
+
     client.set_terminated(holder, "FAILED")
     with pytest.raises(HarnessError, match=f"run {holder}.*ended FAILED.*loss is NaN"):
-        pretrain_cache.wait_for(client, holder, 5.0, "ab" * 32)
+        pretrain_cache.wait_for(query, holder, 5.0, "ab" * 32)
     running = client.create_run(experiment).info.run_id
     with pytest.raises(HarnessError, match="waited pretrain_wait_s=0"):
-        pretrain_cache.wait_for(client, running, 0.0, "ab" * 32)
+        pretrain_cache.wait_for(query, running, 0.0, "ab" * 32)
 
 
 def test_a_parallel_sweep_pretrains_once_and_matches_a_sweep_without_the_cache(tmp_path):
@@ -120,8 +124,9 @@ def test_a_parallel_sweep_pretrains_once_and_matches_a_sweep_without_the_cache(t
     space = ["model.units=[4]", "trainer.epochs=2", "finetune.epochs=2",
              "finetune.learning_rate=1e-1,1e-2,1e-3"]
     cached_uri, off_uri = (f"sqlite:///{tmp_path / name}" for name in ("cached.db", "off.db"))
-    out = sweep("hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *space,
-                f"hydra.sweep.dir={tmp_path / 'cached'}", cwd=tmp_path, uri=cached_uri)
+    # Each job asks the store through its tracking process (claim, wait, find).
+    out = sweep("hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "tracking.process=true",
+                *space, f"hydra.sweep.dir={tmp_path / 'cached'}", cwd=tmp_path, uri=cached_uri)
     assert out.returncode == 0, out.stderr[-3000:]
     out = sweep("pretrain_cache=off", *space, f"hydra.sweep.dir={tmp_path / 'off'}",
                 cwd=tmp_path, uri=off_uri)

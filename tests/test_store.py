@@ -161,14 +161,16 @@ def test_race_errors_are_told_from_real_ones():
     assert not store.is_race(PermissionError("attempt to write a readonly database"))
 
 
-@pytest.mark.parametrize("backend", ["harness", "mlflow"])
-def test_broken_tracking_uris_are_one_line_exit_1_and_no_run(tmp_path, backend):
+@pytest.mark.parametrize("backend, process", [("harness", "false"), ("mlflow", "false"),
+                                              ("harness", "true")])
+def test_broken_tracking_uris_are_one_line_exit_1_and_no_run(tmp_path, backend, process):
     down = f"http://127.0.0.1:{free_port()}"
     for uri in ("ftp://nowhere", "sqlite:////proc/no/such.db", down):
         done = prewarmed.run(
             [sys.executable, "-m", "tfharness", *TINY_SYNTHETIC, f"tracking.uri={uri}",
-             f"tracking.async_backend={backend}", f"output_dir={tmp_path / 'out'}",
-             f"checkpoint_root={tmp_path / 'ckpt'}", "print_report=false"],
+             f"tracking.async_backend={backend}", f"tracking.process={process}",
+             f"output_dir={tmp_path / 'out'}", f"checkpoint_root={tmp_path / 'ckpt'}",
+             "print_report=false"],
             cwd=tmp_path, capture_output=True, text=True, timeout=300,
             env={**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "3",
                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})

@@ -19,10 +19,13 @@ from conftest import TINY_SYNTHETIC, free_port
 import prewarmed
 
 
-@pytest.mark.parametrize("backend", ["harness", "mlflow"])
-def test_each_async_backend_records_the_whole_run(tmp_path, backend):
+@pytest.mark.parametrize("process, backend", [("true", "harness"), ("true", "mlflow"),
+                                              ("false", "harness"), ("false", "mlflow")])
+def test_each_async_backend_records_the_whole_run_in_or_out_of_process(tmp_path, process,
+                                                                      backend):
     overrides = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune.epochs=2",
-                 f"tracking.async_backend={backend}", f"output_dir={tmp_path / 'out'}",
+                 f"tracking.process={process}", f"tracking.async_backend={backend}",
+                 f"output_dir={tmp_path / 'out'}",
                  f"checkpoint_root={tmp_path / 'ckpt'}", "tracking.register=tiny",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     script = (f"import tfharness\n"
@@ -31,6 +34,8 @@ def test_each_async_backend_records_the_whole_run(tmp_path, backend):
     done = prewarmed.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # At exit the tracking process saw its socket close and left by itself.
+    assert "tracking process did not exit" not in done.stderr
     run_id, *rest = done.stdout.split("\n")[-2].split(" ", 1)
     assert rest == ["['finetuned', 'pretrained'] {'tiny': '1'}"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -38,6 +43,38 @@ def test_each_async_backend_records_the_whole_run(tmp_path, backend):
     assert run.info.status == "FINISHED"
     assert run.data.tags["tfharness.registered_model"] == "tiny/1"
     assert [m.step for m in client.get_metric_history(run_id, "finetune/loss")] == [0, 1]
+
+
+def test_a_fresh_process_tracks_from_a_tracking_process_and_never_loads_mlflow(tmp_path):
+    """``tracking.process`` left null: a process without MLflow (a command-line run) logs from
+    a tracking process of its own, and MLflow does not load in it, the pretrain cache's lookup
+    included; a run that reuses a pretrained model downloads it with MLflow."""
+    overrides = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune.epochs=1",
+                 f"output_dir={tmp_path / 'out'}", f"checkpoint_root={tmp_path / 'ckpt'}",
+                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    script = (f"import sys, tfharness\n"
+              f"first = tfharness.run(tfharness.compose({overrides!r}))\n"
+              f"loaded = 'mlflow' in sys.modules\n"
+              f"again = tfharness.run(tfharness.compose({overrides!r}))\n"
+              f"print(first.run_id, again.run_id, again.pretrain_reused_from, loaded)\n")
+    # A fresh interpreter, not a prewarmed one: those have MLflow loaded already.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tracking process did not exit" not in done.stderr
+    first, again, reused_from, loaded = done.stdout.split("\n")[-2].split(" ")
+    assert loaded == "False"
+    # The second run found the first one's pretraining through the tracking process.
+    assert reused_from == first
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run_id in (first, again):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert "test/accuracy" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(first, "pretrain/loss")] == [0]
+    assert {m.name for m in client.search_logged_models(
+        [client.get_run(first).info.experiment_id],
+        filter_string=f"source_run_id = '{first}'")} == {"pretrained", "finetuned"}
 
 
 def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):

@@ -361,6 +361,11 @@ class TrackingConfig:
     # retries while a server is down and spools what it cannot deliver) or "mlflow" (MLflow's own
     # asynchronous logging and HTTP retry settings, MLFLOW_HTTP_REQUEST_*).
     async_backend: str = "harness"
+    # Where MLflow runs: in a tracking process of its own (true), so its import and the store's
+    # opening use another core while this process imports TensorFlow and loads the data, and
+    # MLflow never loads in the training process; in this process (false); or null (auto): a
+    # process of its own unless MLflow is already loaded here (a notebook, a sweep's launcher).
+    process: Optional[bool] = None
     # Register the run's final (fine-tuned) model under this name in the model registry.
     register: Optional[str] = None
     # An alias (such as "champion") the new version of tracking.register or sweep.register_best

@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from tfharness import sources as sources_lib
 from tfharness.config import MlflowSourceConfig
@@ -82,12 +82,6 @@ def why_not(ctx: RunContext) -> Optional[str]:
     return None
 
 
-def client_of(ctx: RunContext):
-    import mlflow
-
-    return mlflow.MlflowClient(getattr(ctx.tracker, "uri", None) or ctx.cfg.tracking.uri)
-
-
 def usable(run) -> Optional[Reusable]:
     """The run's verified pretrained model, if it logged one (its sha256 and its URI)."""
     tags = run.data.tags
@@ -129,20 +123,29 @@ def claim(client, parent_run_id: str, digest: str, run_id: str) -> str:
         return holder
 
 
-def wait_for(client, holder: str, wait_s: float, digest: str) -> Reusable:
-    """Waits until run ``holder`` has logged its verified pretrained model."""
+def holder_state(client, holder: str) -> Tuple[Optional[Reusable], str, str, str]:
+    """Run ``holder``'s verified pretrained model (None: not yet), status, name and error."""
+    run = client.get_run(holder)
+    return (usable(run), run.info.status, run.info.run_name,
+            run.data.tags.get("error", "no error recorded"))
+
+
+def wait_for(query: Callable, holder: str, wait_s: float, digest: str) -> Reusable:
+    """Waits until run ``holder`` has logged its verified pretrained model.
+
+    ``query``: :meth:`~tfharness.tracking.Tracker.query` (or any callable that returns
+    ``function(client, *args)``).
+    """
     deadline = time.monotonic() + wait_s
     logged = False
     while True:
-        run = client.get_run(holder)
-        found = usable(run)
+        found, status, name, error = query(holder_state, holder)
         if found is not None:
             return found
-        status = run.info.status
-        where = f"run {holder} ('{run.info.run_name}'), which pretrains fingerprint {digest[:16]}"
+        where = f"run {holder} ('{name}'), which pretrains fingerprint {digest[:16]}"
         if status in ("FAILED", "KILLED"):
             raise HarnessError(f"pretrain_cache: {where} for this sweep, ended {status} "
-                               f"({run.data.tags.get('error', 'no error recorded')[:300]}) "
+                               f"({error[:300]}) "
                                f"before logging its pretrained model; this job does not "
                                f"pretrain again. Rerun the sweep, or use pretrain_cache=off.")
         if status == "FINISHED":
@@ -165,14 +168,16 @@ def find_or_claim(ctx: RunContext) -> Optional[Reusable]:
         if ctx.cfg.pretrain_cache != "off":
             log.info("pretrain_cache: not used (%s)", reason)
         return None
-    client, digest = client_of(ctx), ctx.fingerprint.digest
+    # The store is asked where the tracker talks to it: MLflow stays out of this process when
+    # a tracking process runs (tfharness.tracking.process).
+    query, digest = ctx.tracker.query, ctx.fingerprint.digest
     found = None
     if ctx.cfg.pretrain_cache == "auto":
-        found = find_finished(client, digest)
+        found = query(find_finished, digest)
     if found is None and ctx.parent_run_id:
-        holder = claim(client, ctx.parent_run_id, digest, ctx.tracker.run_id)
+        holder = query(claim, ctx.parent_run_id, digest, ctx.tracker.run_id)
         if holder != ctx.tracker.run_id:
-            found = wait_for(client, holder, ctx.cfg.pretrain_wait_s, digest)
+            found = wait_for(query, holder, ctx.cfg.pretrain_wait_s, digest)
     return found
 
 
@@ -180,7 +185,7 @@ def load(ctx: RunContext, found: Reusable):
     """Loads the reused model from MLflow (sha256 checked, outputs verified); returns it."""
     cfg = ctx.cfg
     loaded = sources_lib.load_source(
-        MlflowSourceConfig(uri=found.model_uri), tracking_uri=client_of(ctx).tracking_uri,
+        MlflowSourceConfig(uri=found.model_uri), tracking_uri=ctx.tracker.uri,
         workdir=Path(cfg.output_dir) / "pretrained_reused", input_shape=ctx.data.input_shape,
         probe=ctx.probe, atol=cfg.save_format.verify_atol)
     log.info("pretrain_cache: reusing the pretrained model of run %s ('%s'), %s; sha256 %s",

@@ -5,6 +5,8 @@
   call, a ``jobs`` dataclass, to a ``delivery`` thread that retries through server outages;
 - ``mlflow_async``: the same tracker on MLflow's own asynchronous logging
   (``tracking.async_backend=mlflow``);
+- ``process``: either of them in a tracking process of its own, so MLflow never loads in the
+  training process (``tracking.process``);
 - ``models``: logging a saved artifact as an MLflow model (``mlflow_model`` is its pyfunc
   wrapper, loaded by MLflow by file path), and registering it;
 - ``store``: opening a tracking store (created under a lock, errors naming tracking.uri);
@@ -14,6 +16,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from typing import Optional
 
@@ -22,6 +26,7 @@ from tfharness.tracking.backends import in_process_tracker
 from tfharness.tracking.base import Tracker, ending_of
 from tfharness.tracking.batches import PARAM_BATCH, PARAM_VALUE_LIMIT
 from tfharness.tracking.models import MODEL_URI_TAG, model_output_and_requirements
+from tfharness.tracking.process import ProcessTracker
 from tfharness.tracking.store import open_experiment as _open_store
 from tfharness.tracking.store import sqlite_artifact_root
 from tfharness.tracking.tables import format_cell, markdown_table
@@ -34,16 +39,33 @@ __all__ = ["MODEL_URI_TAG", "PARAM_BATCH", "PARAM_VALUE_LIMIT", "MlflowTracker",
            "markdown_table", "model_output_and_requirements", "open_experiment", "run_tags",
            "sqlite_artifact_root"]
 
+log = logging.getLogger("tfharness")
+
 
 def make_tracker(cfg: TrackingConfig, after: Optional[threading.Thread] = None) -> Tracker:
     """The run's tracker: none with ``tracking=off``, else the MLflow tracker of
-    ``tracking.async_backend``, which opens the store on a thread while this process loads the
-    data and builds the model, once ``after`` (TensorFlow's import, if any) is done."""
+    ``tracking.async_backend``, which starts opening the store now, while this process loads the
+    data and TensorFlow: in the tracking process (:func:`in_own_process`), or on a thread of
+    this process once ``after`` (TensorFlow's import, if any) is done."""
     if cfg.name == "off":
         return Tracker()
+    if in_own_process(cfg):
+        try:
+            return ProcessTracker(cfg)
+        except OSError as error:  # no interpreter to start, no process slots left
+            log.warning("Cannot start the tracking process (%s: %s); logging from a thread of "
+                        "this process instead", type(error).__name__, error)
     tracker = in_process_tracker(cfg)
     tracker.connect_meanwhile(after)
     return tracker
+
+
+def in_own_process(cfg: TrackingConfig) -> bool:
+    """``tracking.process``; null (auto): yes unless MLflow is loaded in this process already,
+    where a tracking process would only import it a second time."""
+    if cfg.process is None:
+        return "mlflow" not in sys.modules
+    return bool(cfg.process)
 
 
 def open_experiment(cfg: TrackingConfig):

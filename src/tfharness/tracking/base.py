@@ -8,7 +8,7 @@ see :func:`tfharness.tracking.make_tracker`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -42,6 +42,14 @@ class Tracker:
     def logged_model_names(self) -> List[str]:
         """The names of the models this run has logged so far."""
         return []
+
+    def query(self, function: Callable, *args):
+        """Returns ``function(client, *args)``, called with an ``MlflowClient`` on the run's store
+        where the tracker talks to it (the tracking process, if one runs). ``function`` must be
+        a module-level function and its answer picklable; store errors are raised here."""
+        from tfharness.errors import TrackingError
+
+        raise TrackingError(f"tracking is off: nothing to ask of a store ({function.__name__})")
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         """Records one point of each metric at ``step``."""

@@ -160,6 +160,9 @@ class MlflowTracker(Tracker):
     def logged_model_names(self) -> List[str]:
         return runs.logged_model_names(self._store, self.run_id)
 
+    def query(self, function, *args):
+        return function(self._store.client, *args)
+
     # ------------------------------------------------------------------ recording
     def submit(self, job: Job) -> None:
         """Queues ``job`` for delivery, in order."""
