@@ -484,12 +484,12 @@ def cache_lines(results: dict) -> list:
     return lines
 
 
-# How a run delivers its logging calls: tfharness' delivery thread (the default) or MLflow's own
-# asynchronous logging. (The tracking process these were measured against until it was deleted
-# is in benchmarks/results.md.)
+# Where MLflow runs (a tracking process of its own, or the training process) and how a run
+# delivers its logging calls (tfharness' delivery thread, or MLflow's own asynchronous logging).
 TRACKING_VARIANTS = {
-    "thread (harness)": ["tracking.async_backend=harness"],
-    "mlflow async": ["tracking.async_backend=mlflow"],
+    "process (harness)": ["tracking.process=true", "tracking.async_backend=harness"],
+    "thread (harness)": ["tracking.process=false", "tracking.async_backend=harness"],
+    "mlflow async": ["tracking.process=false", "tracking.async_backend=mlflow"],
 }
 TRACKING_SECTION = "Tracking variants ("
 

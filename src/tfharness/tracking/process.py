@@ -48,6 +48,7 @@ import numpy as np
 
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
+from tfharness.tracking import store
 from tfharness.tracking.backends import in_process_tracker
 from tfharness.tracking.base import Tracker, ending_of
 from tfharness.tracking.models import model_output_and_requirements
@@ -388,6 +389,13 @@ class _Server:
         os.environ.clear()
         os.environ.update(environment)
         self.trackers[key] = tracker = in_process_tracker(cfg)
+        database = store.sqlite_path(cfg.uri)
+        if database is not None and not database.exists():
+            # Opening would create the store: that waits for start(), so a run that fails
+            # before it opens leaves no store behind (as in-process); the imports, the slow
+            # part, are done now.
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+            return
         tracker.connect()
 
 
