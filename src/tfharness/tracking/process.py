@@ -64,8 +64,11 @@ class TrackingProcess:
 
     def __init__(self):
         ours, theirs = socket.socketpair()
+        # Not ``-m tfharness.tracking.process``: the package imports this module first, and
+        # runpy would then run a second copy of it as __main__.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tfharness.tracking.process", str(theirs.fileno())],
+            [sys.executable, "-c", "import sys; from tfharness.tracking.process import serve; "
+             "serve(int(sys.argv[1]))", str(theirs.fileno())],
             pass_fds=[theirs.fileno()])
         theirs.close()
         self._socket = ours
@@ -410,6 +413,3 @@ def serve(fd: int) -> None:
     tfharness_log.propagate = False
     server.serve()
 
-
-if __name__ == "__main__":
-    serve(int(sys.argv[1]))
