@@ -481,9 +481,12 @@ def assert_every_epoch_once(client, run_id: str, pretrain: int = 4, finetune: in
 
 
 def test_a_server_stopped_and_restarted_mid_run_receives_every_metric_point(tmp_path, server):
+    # Through a tracking process: its tracker retries there, and its log lines reach the
+    # command's log (the two outage tests below log from the training process).
     marker = tmp_path / "paused"
     process = harness(tmp_path, "tracking=server", f"tracking.uri={server.url}",
-                      "tracking.drain_timeout_s=120", pause=f"pretrain-e0002:{marker}:0.5")
+                      "tracking.drain_timeout_s=120", "tracking.process=true",
+                      pause=f"pretrain-e0002:{marker}:0.5")
     wait_for(marker, process)
     server.stop()  # down while the rest of pretraining and fine-tuning run
     time.sleep(1)
