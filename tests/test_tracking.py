@@ -95,9 +95,25 @@ def test_a_run_logs_to_a_tracking_server(make_cfg, mlflow_server, tmp_path):
     assert model.predict(np.zeros((2, 12), np.float32)).shape == (2, 3)
 
 
+def test_without_a_tracking_process_the_run_logs_from_a_thread(make_cfg, client, monkeypatch,
+                                                               caplog):
+    from tfharness.tracking import process as tracking_process
+
+    monkeypatch.setattr(tracking_process, "_shared", None)
+    monkeypatch.setattr(sys, "executable", "/no/such/python")  # nothing to start it with
+    result = tfharness.run(make_cfg([*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none",
+                                     "tracking.process=true"]))
+    assert "Cannot start the tracking process" in caplog.text
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [0]
+
+
 def test_each_run_logs_with_the_environment_it_was_started_in(make_cfg, client, monkeypatch):
-    # Runs of one process (a sweep) each bring the environment they were started in.
-    quick = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none", "tracking.log_models=false"]
+    # Runs of one process (a sweep) each bring the environment they were started in, to the one
+    # tracking process that serves them in turn.
+    quick = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune=none", "tracking.log_models=false",
+             "tracking.process=true"]
     monkeypatch.setenv("LOGNAME", "first-user")
     first = tfharness.run(make_cfg(quick))
     monkeypatch.setenv("LOGNAME", "second-user")  # MLflow's mlflow.user tag reads it
