@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from tfharness.errors import TrackingError
+
 
 class Tracker:
     """Records one run. This base class records nothing (``tracking=off``)."""
@@ -47,8 +49,6 @@ class Tracker:
         """Returns ``function(client, *args)``, called with an ``MlflowClient`` on the run's store
         where the tracker talks to it (the tracking process, if one runs). ``function`` must be
         a module-level function and its answer picklable; store errors are raised here."""
-        from tfharness.errors import TrackingError
-
         raise TrackingError(f"tracking is off: nothing to ask of a store ({function.__name__})")
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:

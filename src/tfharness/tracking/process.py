@@ -2,7 +2,7 @@
 
 MLflow's import and the store's opening (the SQL store's schema check) are seconds of Python
 that hold the GIL, as TensorFlow's import does: in the training process they delay the first
-epoch, and the figures are in benchmarks/results.md ("Tracking process"). Here a child process
+epoch, and the figures are in benchmarks/results.md ("Tracking variants"). Here a child process
 holds the :class:`~tfharness.tracking.MlflowTracker` and the training process holds a
 :class:`ProcessTracker` that forwards every call over a socket:
 
