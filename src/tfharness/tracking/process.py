@@ -46,6 +46,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
+from tfharness import heap
 from tfharness.config import TrackingConfig
 from tfharness.errors import TrackingError
 from tfharness.tracking import store
@@ -396,8 +397,8 @@ class _Server:
         if database is not None and not database.exists():
             # Opening would create the store: that waits for start(), so a run that fails
             # before it opens leaves no store behind (as in-process); the imports, the slow
-            # part, are done now.
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+            # part, are done now, as runs.connect does them.
+            heap.import_frozen("mlflow", "mlflow.store.tracking.sqlalchemy_store")
             return
         tracker.connect()
 
