@@ -12,7 +12,8 @@ killing it, reading its stderr or waiting for it is what it is for a process sta
 
 The worker processes of joblib's loky backend (Hydra's joblib launcher, in a sweep that runs
 here) start the same way: in a prewarmed process, loky's ``fork_exec`` asks the server for them
-(:func:`_loky_fork_exec`), with the pipes loky passes them at the same descriptor numbers.
+(:func:`_loky_fork_exec`), with the pipes loky passes them at the same descriptor numbers, and
+loky learns of each one's end from the server (:func:`_loky_poll`).
 
 What such a process does not exercise is the start of a fresh interpreter: the imports, and the
 harness's importing TensorFlow on a thread while it loads the data. Tests of those (tests/
@@ -144,9 +145,12 @@ def _become(request: dict, fds: list) -> None:
     for target, fd in zip(request["fds"], moved):
         os.dup2(fd, target)
         os.close(fd)
-    from joblib.externals.loky.backend import fork_exec
+    from joblib.externals.loky.backend import fork_exec, popen_loky_posix
 
+    global _ORIGINAL_LOKY_POLL
     fork_exec.fork_exec = _loky_fork_exec
+    _ORIGINAL_LOKY_POLL = popen_loky_posix.Popen.poll
+    popen_loky_posix.Popen.poll = _loky_poll
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -275,19 +279,69 @@ def _start(command: list, cwd, env, fds: dict, new_session: bool) -> socket.sock
     return channel
 
 
+class _Reports:
+    """The lines the server sends about one process it started: its pid, then its wait status
+    and CPU seconds when it ends."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel, self.buffer = channel, b""
+
+    def line(self, block: bool):
+        """The next line, or None when ``block`` is false and none has come."""
+        while b"\n" not in self.buffer:
+            if not block and not select.select([self.channel], [], [], 0)[0]:
+                return None
+            chunk = self.channel.recv(256)
+            if not chunk:
+                raise ChildProcessError("the prewarmed server lost a process it started")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+
+# The loky workers this process had the server start, by pid: how each one's end is learnt.
+_LOKY_WORKERS: dict = {}
+
+
 def _loky_fork_exec(cmd, keep_fds, env=None) -> int:
     """In a prewarmed process, in place of ``joblib.externals.loky.backend.fork_exec.fork_exec``
     (same arguments; it starts ``python -m ...popen_loky_posix`` with the descriptors
-    ``keep_fds`` and the standard streams of this process): the server starts the worker. loky
-    learns of its worker's end through a pipe, as it does for its own; the worker is not a
-    child of this process, so its exit status is not known here."""
+    ``keep_fds`` and the standard streams of this process): the server starts the worker, and
+    reports its end to :func:`_loky_poll`."""
     fds = {0: 0, 1: 1, 2: 2, **{int(fd): int(fd) for fd in keep_fds}}
     channel = _start(command_of(cmd), os.getcwd(), {**os.environ, **(env or {})}, fds, False)
-    with channel, channel.makefile("rb") as reader:
-        line = reader.readline()  # its pid; the report of its end is not waited for
-    if not line.endswith(b"\n"):
-        raise ChildProcessError("the prewarmed server started no loky worker")
-    return int(line)
+    reports = _Reports(channel)
+    try:
+        pid = int(reports.line(block=True))
+    except BaseException:
+        channel.close()
+        raise
+    _LOKY_WORKERS[pid] = reports
+    return pid
+
+
+_ORIGINAL_LOKY_POLL = None  # loky's own, for the processes it started itself
+
+
+def _loky_poll(self, flag=os.WNOHANG):
+    """loky's ``Popen.poll`` (``joblib.externals.loky.backend.popen_loky_posix``) for a worker
+    the server started. ``os.waitpid`` cannot see it, as it is not this process's child; loky's
+    own poll then answers "running" at once, so its ``join`` would not wait for the worker, and
+    the sweep's process would end while its workers are still shutting down. Here the server's
+    report of the worker's end is waited for, as ``waitpid`` would."""
+    reports = _LOKY_WORKERS.get(self.pid)
+    if reports is None:
+        return _ORIGINAL_LOKY_POLL(self, flag)
+    if self.returncode is None:
+        line = reports.line(block=not flag & os.WNOHANG)
+        if line is None:
+            return None
+        reports.channel.close()
+        del _LOKY_WORKERS[self.pid]
+        status = int(line.split()[0])
+        self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                           else os.WEXITSTATUS(status))
+    return self.returncode
 
 
 class Popen(subprocess.Popen):
@@ -301,37 +355,24 @@ class Popen(subprocess.Popen):
         try:
             fds = {target: fd if fd != -1 else target for target, fd in
                    ((0, call["p2cread"]), (1, call["c2pwrite"]), (2, call["errwrite"]))}
-            self._channel = _start(
+            self._reports = _Reports(_start(
                 command_of(call["args"]), call["cwd"] or os.getcwd(),
                 call["env"] if call["env"] is not None else os.environ, fds,
-                bool(call["start_new_session"]))
-            self._buffer = b""
-            self.pid = int(self._line(block=True))
+                bool(call["start_new_session"])))
+            self.pid = int(self._reports.line(block=True))
         finally:
             self._close_pipe_fds(call["p2cread"], call["p2cwrite"], call["c2pread"],
                                  call["c2pwrite"], call["errread"], call["errwrite"])
 
     def _try_wait(self, wait_flags):
-        line = self._line(block=not wait_flags & os.WNOHANG)
+        line = self._reports.line(block=not wait_flags & os.WNOHANG)
         if line is None:
             return 0, 0
-        self._channel.close()
+        self._reports.channel.close()
         status, cpu = line.split()
         global children_cpu
         children_cpu += float(cpu)
         return self.pid, int(status)
-
-    def _line(self, block: bool):
-        """The server's next line, or None when ``block`` is false and none has come."""
-        while b"\n" not in self._buffer:
-            if not block and not select.select([self._channel], [], [], 0)[0]:
-                return None
-            chunk = self._channel.recv(256)
-            if not chunk:
-                raise ChildProcessError(f"the prewarmed server lost process {self.pid}")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
 
     def _internal_poll(self, _deadstate=None, **_):
         if self.returncode is None and self._waitpid_lock.acquire(False):
