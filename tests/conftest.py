@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -46,9 +48,38 @@ TINY_SYNTHETIC = ["data=synthetic", "data.shape=[12]", "data.num_samples=60",
                   "data.finetune_num_classes=3", "finetune.head.num_classes=3"]
 
 
+_EMPTY_STORE: list = []  # this test process's empty store, made on first use
+
+
+def empty_store(db: Path) -> str:
+    """Puts an empty MLflow SQLite store at ``db`` (a copy of one MLflow made in this test
+    process) and returns its ``sqlite:///`` URI.
+
+    MLflow creates a store's schema on first use by running its migrations, about 0.8 s of CPU
+    each time; a copy is the same database, with the schema and the Default experiment MLflow
+    creates (whose artifacts would go beside the original, which no test logs to). Tests of what
+    happens to a store that does not exist yet (creation under the lock, sweeps on a fresh store)
+    use a path of their own instead.
+    """
+    if not _EMPTY_STORE:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        folder = Path(tempfile.mkdtemp(prefix="tfharness-empty-store-"))
+        owner = os.getpid()  # not a forked child's exit
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, True))
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}",
+                                (folder / "mlartifacts").as_uri())
+        store.engine.dispose()
+        _EMPTY_STORE.append(folder / "mlflow.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], db)
+    return f"sqlite:///{db}"
+
+
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """An empty store at ``tmp_path/mlflow.db`` (:func:`empty_store`)."""
+    return empty_store(tmp_path / "mlflow.db")
 
 
 @pytest.fixture
@@ -134,7 +165,7 @@ def start_mlflow_server(tmp_path: Path):
     port = free_port()
     process = subprocess.Popen(
         ["bash", str(ROOT / "scripts" / "mlflow-server"), "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--backend-store-uri", empty_store(tmp_path / "server.db"),
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True, env={**os.environ, "TFHARNESS_NO_SETUP": "1"})

@@ -24,6 +24,8 @@ def tfharness(*args, cwd, module=False, env=None):
 
 
 def runs_of(db: Path):
+    if not db.exists():  # no store, so no run (reading it would create one)
+        return []
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("tfharness")
     return [] if exp is None else client.search_runs([exp.experiment_id])

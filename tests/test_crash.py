@@ -25,7 +25,7 @@ from tfharness.errors import ConfigError, NumericalError, SaveError
 
 import pause_in_save
 import prewarmed
-from conftest import TINY_SYNTHETIC, free_port, only_run, wait_for_server
+from conftest import TINY_SYNTHETIC, empty_store, free_port, only_run, wait_for_server
 
 SRC = str(Path(tfharness.__file__).resolve().parents[1])
 RUN = [*TINY_SYNTHETIC, "model.units=[8]", "trainer.epochs=4", "finetune.epochs=3",
@@ -40,6 +40,8 @@ def harness(tmp: Path, *overrides: str, pause: str = "", env=None,
             own_group: bool = False) -> subprocess.Popen:
     """`python -m tfharness` in ``tmp`` (Hydra writes its folders there), tracking into tmp."""
     environment = {**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    if not (tmp / "mlflow.db").exists():
+        empty_store(tmp / "mlflow.db")
     python = [sys.executable]
     if pause:
         fragment, marker, *seconds = pause.split(":")
@@ -118,7 +120,7 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
         tmp_path, make_cfg):
     # With dropout: the checkpoint keeps the dropout seed state, so even the masks match.
     dropout = "model.dropout=0.25"
-    baseline_uri = f"sqlite:///{tmp_path / 'baseline.db'}"
+    baseline_uri = empty_store(tmp_path / "baseline.db")
     baseline = tfharness.run(make_cfg([*RUN, dropout, f"tracking.uri={baseline_uri}"],
                                       out="baseline"))
     base_client = mlflow.MlflowClient(baseline_uri)
@@ -160,7 +162,7 @@ def test_sigkill_in_pretraining_and_in_finetuning_then_resume_matches_an_uninter
 
 def test_a_run_that_reused_a_pretraining_resumes_after_sigkill_and_still_reuses_it(
         tmp_path, make_cfg):
-    producer = harness(tmp_path)  # a fresh store: this run pretrains
+    producer = harness(tmp_path)  # an empty store: this run pretrains
     assert producer.wait(timeout=600) == 0, producer.stderr.read()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     made = only_run(client)
@@ -451,6 +453,8 @@ class Server:
 
     def start(self) -> None:
         mlflow_bin = Path(sys.executable).parent / "mlflow"
+        if not (self.folder / "server.db").exists():
+            empty_store(self.folder / "server.db")
         self.process = prewarmed.Popen(  # its uvicorn worker is a fresh interpreter still
             [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
@@ -546,7 +550,7 @@ def test_an_unreachable_server_at_start_spools_the_whole_run_and_sync_replays_it
                        match=re.escape(f"'tracking.uri': got {dead!r}; cannot open the MLflow")):
         tfharness.run(make_cfg(quick))
     result = tfharness.run(make_cfg([*quick, "tracking.on_unavailable=spool"]))
-    target = f"sqlite:///{tmp_path / 'server-later.db'}"
+    target = empty_store(tmp_path / "server-later.db")
     mapping = sync.sync(str(tmp_path / "spool"), target_uri=target)
     assert list(mapping) == [result.run_id]
     client = mlflow.MlflowClient(target)

@@ -15,14 +15,14 @@ from tfharness.pipeline import distribute
 from tfharness.config import to_typed, validate
 from tfharness.errors import ConfigError
 
-from conftest import TINY_SYNTHETIC, free_port
+from conftest import TINY_SYNTHETIC, empty_store, free_port
 import prewarmed
 
 
 def test_mirrored_on_two_logical_cpus_keeps_the_results_contract(tmp_path):
     """A new process (the CPU can only be split before TensorFlow starts) trains, saves,
     reloads, verifies, fine-tunes and registers with two replicas."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path / "mlflow.db")
     out = prewarmed.run(
         [sys.executable, "-m", "tfharness", *TINY_SYNTHETIC, "model.units=[4]",
          "trainer.epochs=2", "finetune.epochs=2", "trainer.strategy=mirrored",
@@ -79,7 +79,7 @@ def _start_worker(index: int, ports, tmp_path, uri: str) -> subprocess.Popen:
 def test_multi_worker_on_two_local_processes_records_one_run(tmp_path):
     """Two workers on 127.0.0.1 train together; the chief (worker 0) records the one MLflow run
     and writes the artifacts; worker 1 opens no run and leaves nothing in the chief's folders."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path / "mlflow.db")
     ports = [free_port(), free_port()]
     workers = [_start_worker(i, ports, tmp_path, uri) for i in range(2)]
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import TINY_SYNTHETIC
+from conftest import TINY_SYNTHETIC, empty_store
 import prewarmed
 
 SWEPT = "finetune.learning_rate=0.01,0.001"
@@ -40,7 +40,7 @@ def tfharness(*args, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("record")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = empty_store(tmp / "mlflow.db")
     out = tfharness(*ARGS, f"tracking.uri={uri}", cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.MlflowClient(uri)

@@ -23,7 +23,7 @@ def test_keras_safe_mode_scope_is_what_the_opaque_block_reads():
         assert in_safe_mode() is False
 
 
-def test_model_log_honours_validate_serving_input(tmp_path, caplog):
+def test_model_log_honours_validate_serving_input(tmp_path, tracking_uri, caplog):
     """tracking/models.py: the input example is kept and the serving check is skipped.
 
     The artifact is not a model at all, so a serving check would fail to load it and warn
@@ -33,7 +33,7 @@ def test_model_log_honours_validate_serving_input(tmp_path, caplog):
 
     from tfharness.tracking.models import ModelSpec, log_model_spec
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     # Artifacts under tmp_path: the default root, ./mlruns, would land in the working folder.

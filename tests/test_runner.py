@@ -12,7 +12,7 @@ import pytest
 import tfharness
 from tfharness.errors import ConfigError, DataError, SaveError
 
-from conftest import TINY_SYNTHETIC, only_run
+from conftest import TINY_SYNTHETIC, empty_store, only_run
 
 DIGITS_QUICK = ["trainer.epochs=3", "finetune.epochs=2", "model.units=[16]"]
 
@@ -21,7 +21,7 @@ DIGITS_QUICK = ["trainer.epochs=3", "finetune.epochs=2", "model.units=[16]"]
 def digits_run(tmp_path_factory):
     """One default-story run on digits (few epochs), shared by the contract tests below."""
     tmp = tmp_path_factory.mktemp("digits")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = empty_store(tmp / "mlflow.db")
     cfg = tfharness.compose([f"output_dir={tmp / 'out'}", f"tracking.uri={uri}",
                              f"checkpoint_root={tmp / 'checkpoints'}",
                              "print_report=false", *DIGITS_QUICK])

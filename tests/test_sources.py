@@ -19,7 +19,7 @@ from tfharness import sources
 from tfharness.artifacts import integrity, serialization
 from tfharness.errors import ConfigError, IntegrityError, SourceError
 
-from conftest import only_run
+from conftest import empty_store, only_run
 import prewarmed
 
 FEATURES = 12
@@ -183,7 +183,7 @@ def test_seed_example1_fine_tunes_from_the_command_line(artifacts, tmp_path):
     done = prewarmed.run(
         [sys.executable, "-m", "tfharness", *SEED_DATA, "source=path",
          f"source.path={root / 'my_saved_model'}", "finetune.head.pop=0",
-         f"tracking.uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'run'}",
+         f"tracking.uri={empty_store(db)}", f"hydra.run.dir={tmp_path / 'run'}",
          "print_report=false"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

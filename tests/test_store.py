@@ -18,7 +18,7 @@ import tfharness
 from tfharness.tracking import store
 from tfharness.errors import TrackingError
 
-from conftest import ROOT, TINY_SYNTHETIC, free_port
+from conftest import ROOT, TINY_SYNTHETIC, empty_store, free_port
 import prewarmed
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -67,7 +67,7 @@ def test_runs_that_log_the_same_new_dataset_at_once_all_record_it(tmp_path):
 
     from tfharness.tracking.jobs import InputsJob
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path / "mlflow.db")
     client, experiment_id = store.open_experiment(uri, "e")
     run_ids = [client.create_run(experiment_id).info.run_id for _ in range(6)]
     errors: list = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import TINY_SYNTHETIC
+from conftest import TINY_SYNTHETIC, empty_store
 import prewarmed
 
 TINY = [*TINY_SYNTHETIC, "print_report=false"]
@@ -95,7 +95,7 @@ def test_parallel_grid_on_a_fresh_sqlite_store_loses_no_run_and_no_point(tmp_pat
 
 
 def test_a_failing_trial_is_failed_in_mlflow_and_the_others_finish(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path / "mlflow.db")
     # A CNN cannot take the flat synthetic samples: two of the four jobs fail on their config.
     out = sweep("trainer.epochs=1", "finetune.epochs=1", "model=mlp,cnn",
                 "finetune.learning_rate=1e-2,1e-3", cwd=tmp_path, uri=uri)
@@ -163,7 +163,7 @@ def test_launcher_presets_compose_for_ray_and_slurm():
 def test_ray_launcher_runs_a_sweep_on_a_local_ray(tmp_path):
     """The launcher=ray preset with Ray started here (address null): the jobs run in Ray
     worker processes, and still nest under the parent run through hydra.job.env_set."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path / "mlflow.db")
     out = sweep("launcher=ray", "model.units=[4]", "trainer.epochs=1", "finetune.epochs=1",
                 "finetune.learning_rate=1e-2,1e-3", cwd=tmp_path, uri=uri)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -21,13 +21,13 @@ import prewarmed
 
 @pytest.mark.parametrize("process, backend", [("true", "harness"), ("true", "mlflow"),
                                               ("false", "harness"), ("false", "mlflow")])
-def test_each_async_backend_records_the_whole_run_in_or_out_of_process(tmp_path, process,
-                                                                      backend):
+def test_each_async_backend_records_the_whole_run_in_or_out_of_process(tmp_path, tracking_uri,
+                                                                      process, backend):
     overrides = [*TINY_SYNTHETIC, "trainer.epochs=1", "finetune.epochs=2",
                  f"tracking.process={process}", f"tracking.async_backend={backend}",
                  f"output_dir={tmp_path / 'out'}",
                  f"checkpoint_root={tmp_path / 'ckpt'}", "tracking.register=tiny",
-                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+                 f"tracking.uri={tracking_uri}"]
     script = (f"import tfharness\n"
               f"result = tfharness.run(tfharness.compose({overrides!r}))\n"
               f"print(result.run_id, sorted(result.model_uris), result.registered_versions)\n")
@@ -38,7 +38,7 @@ def test_each_async_backend_records_the_whole_run_in_or_out_of_process(tmp_path,
     assert "tracking process did not exit" not in done.stderr
     run_id, *rest = done.stdout.split("\n")[-2].split(" ", 1)
     assert rest == ["['finetuned', 'pretrained'] {'tiny': '1'}"]
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["tfharness.registered_model"] == "tiny/1"

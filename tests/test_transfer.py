@@ -17,6 +17,7 @@ import tfharness
 from tfharness import serialization, sources
 from tfharness.errors import ConfigError
 
+from conftest import empty_store
 import models_users_bring as users
 import prewarmed
 
@@ -217,6 +218,7 @@ def test_feature_map_without_pooling_and_two_outputs_fail_from_the_command_line(
     keras.Model(inputs, [keras.layers.Dense(2)(inputs), keras.layers.Dense(3)(inputs)]).save(
         tmp_path / "two.keras")
     db = tmp_path / "cli.db"
+    empty_store(db)
     for args, message in [
         ([*IMAGES, f"source.path={tmp_path / 'guide.keras'}", "finetune.head.cut=base"],
          "tfharness: Invalid value for 'finetune.head.pooling': got None; allowed: one of avg, "
