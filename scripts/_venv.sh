@@ -14,8 +14,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "Creating $VENV ..." >&2
   "$PYTHON" -m venv "$VENV"
 fi
-# Installs the editable package with uv when it can (the same releases as pip would pick, in
-# well under half pip's time: figures in benchmarks/results.md, "Test suite"), else with pip.
+# Installs the editable package with uv when it can (it resolves to the same releases as pip,
+# in well under half pip's time: figures in benchmarks/results.md, "Test suite"), else with pip.
 # uv gets pip's index URL when pip is given one; TFHARNESS_INSTALLER=pip skips uv.
 tfharness_install() {
   if [ "${TFHARNESS_INSTALLER:-uv}" = uv ] \
