@@ -33,14 +33,20 @@ import tfharness  # noqa: E402
 from tfharness import heap  # noqa: E402
 from tfharness.pipeline.prepare import KerasWithoutScikitLearn  # noqa: E402
 
-# Each test process imports Keras and MLflow as a tfharness process does (tfharness.heap: no
-# full collection while importing, then frozen; Keras without scikit-learn), before the test
-# modules import them: the xdist workers' collection is cheaper, and the frozen modules stay out
-# of every later collection (figures: benchmarks/results.md, "Test suite").
-with KerasWithoutScikitLearn():
-    heap.import_frozen("keras")
-heap.import_frozen("mlflow", "mlflow.models", "mlflow.pyfunc", "hydra")
-atexit.register(heap.freeze_at_exit)
+
+
+def pytest_collection(session):
+    """Each process that collects tests imports Keras and MLflow as a tfharness process does
+    (tfharness.heap: no full collection while importing, then frozen; Keras without
+    scikit-learn), before the test modules import them: the xdist workers' collection is
+    cheaper, and the frozen modules stay out of every later collection (figures:
+    benchmarks/results.md, "Test suite"). pytest-xdist's controller, which runs no test, does
+    not collect (its own ``pytest_collection`` answers first), so it starts the workers without
+    importing them."""
+    with KerasWithoutScikitLearn():
+        heap.import_frozen("keras")
+    heap.import_frozen("mlflow", "mlflow.models", "mlflow.pyfunc", "hydra")
+    atexit.register(heap.freeze_at_exit)
 
 # Small enough to keep the suite quick on 2 cores, big enough for every split to be non-empty.
 TINY_SYNTHETIC = ["data=synthetic", "data.shape=[12]", "data.num_samples=60",
