@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import socket
@@ -34,7 +35,6 @@ from tfharness import heap  # noqa: E402
 from tfharness.pipeline.prepare import KerasWithoutScikitLearn  # noqa: E402
 
 
-
 def pytest_collection(session):
     """Each process that collects tests imports Keras and MLflow as a tfharness process does
     (tfharness.heap: no full collection while importing, then frozen; Keras without
@@ -48,37 +48,38 @@ def pytest_collection(session):
     heap.import_frozen("mlflow", "mlflow.models", "mlflow.pyfunc", "hydra")
     atexit.register(heap.freeze_at_exit)
 
+
 # Small enough to keep the suite quick on 2 cores, big enough for every split to be non-empty.
 TINY_SYNTHETIC = ["data=synthetic", "data.shape=[12]", "data.num_samples=60",
                   "data.finetune_num_samples=40", "data.num_classes=4",
                   "data.finetune_num_classes=3", "finetune.head.num_classes=3"]
 
 
-_EMPTY_STORE: list = []  # this test process's empty store, made on first use
+@functools.cache
+def _empty_store_template() -> Path:
+    """This test process's empty store, made by MLflow on first use (removed at its exit)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = Path(tempfile.mkdtemp(prefix="tfharness-empty-store-"))
+    owner = os.getpid()  # a forked child's exit leaves it alone
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, True))
+    store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri())
+    store.engine.dispose()
+    return folder / "mlflow.db"
 
 
 def empty_store(db: Path) -> str:
-    """Puts an empty MLflow SQLite store at ``db`` (a copy of one MLflow made in this test
-    process) and returns its ``sqlite:///`` URI.
+    """Puts an empty MLflow SQLite store at ``db`` and returns its ``sqlite:///`` URI.
 
-    MLflow creates a store's schema on first use by running its migrations, about 0.8 s of CPU
-    each time; a copy is the same database, with the schema and the Default experiment MLflow
-    creates (whose artifacts would go beside the original, which no test logs to). Tests of what
-    happens to a store that does not exist yet (creation under the lock, sweeps on a fresh store)
-    use a path of their own instead.
+    MLflow creates a store's schema on first use by running all its migrations, which costs CPU
+    every time (figures: benchmarks/results.md, "Test suite"). This copies one MLflow made in
+    this test process instead: the same database, with the schema and the Default experiment
+    (whose artifacts would go beside the template; no test logs to it). Tests of a store that
+    does not exist yet (created under the lock, sweeps on a fresh store, the quickstart's
+    ``./mlflow.db``) give a path of their own and no copy.
     """
-    if not _EMPTY_STORE:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        folder = Path(tempfile.mkdtemp(prefix="tfharness-empty-store-"))
-        owner = os.getpid()  # not a forked child's exit
-        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, True))
-        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}",
-                                (folder / "mlartifacts").as_uri())
-        store.engine.dispose()
-        _EMPTY_STORE.append(folder / "mlflow.db")
     db.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_EMPTY_STORE[0], db)
+    shutil.copyfile(_empty_store_template(), db)
     return f"sqlite:///{db}"
 
 
