@@ -69,7 +69,8 @@ def _empty_store_template() -> Path:
 
 
 def empty_store(db: Path) -> str:
-    """Puts an empty MLflow SQLite store at ``db`` and returns its ``sqlite:///`` URI.
+    """Puts an empty MLflow SQLite store at ``db``, unless a store is there already (a later
+    command of the same test), and returns its ``sqlite:///`` URI.
 
     MLflow creates a store's schema on first use by running all its migrations, which costs CPU
     every time (figures: benchmarks/results.md, "Test suite"). This copies one MLflow made in
@@ -78,8 +79,9 @@ def empty_store(db: Path) -> str:
     does not exist yet (created under the lock, sweeps on a fresh store, the quickstart's
     ``./mlflow.db``) give a path of their own and no copy.
     """
-    db.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_empty_store_template(), db)
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store_template(), db)
     return f"sqlite:///{db}"
 
 

@@ -40,8 +40,7 @@ def harness(tmp: Path, *overrides: str, pause: str = "", env=None,
             own_group: bool = False) -> subprocess.Popen:
     """`python -m tfharness` in ``tmp`` (Hydra writes its folders there), tracking into tmp."""
     environment = {**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    if not (tmp / "mlflow.db").exists():
-        empty_store(tmp / "mlflow.db")
+    empty_store(tmp / "mlflow.db")
     python = [sys.executable]
     if pause:
         fragment, marker, *seconds = pause.split(":")
@@ -453,11 +452,9 @@ class Server:
 
     def start(self) -> None:
         mlflow_bin = Path(sys.executable).parent / "mlflow"
-        if not (self.folder / "server.db").exists():
-            empty_store(self.folder / "server.db")
         self.process = prewarmed.Popen(  # its uvicorn worker is a fresh interpreter still
             [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--backend-store-uri", empty_store(self.folder / "server.db"),
              "--artifacts-destination", str(self.folder / "server-artifacts"),
              "--workers", "1"], cwd=self.folder, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -109,10 +109,8 @@ def project(tmp_path, monkeypatch, request):
 
 
 def compose(tmp_path, configs, overrides):
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}" if db.exists() else empty_store(db)
     return tfharness.compose([
-        f"output_dir={tmp_path / 'out'}", f"tracking.uri={uri}",
+        f"output_dir={tmp_path / 'out'}", f"tracking.uri={empty_store(tmp_path / 'mlflow.db')}",
         f"checkpoint_root={tmp_path / 'checkpoints'}", "print_report=false",
         # Each test's runs pretrain for themselves (tests/test_pretrain_cache.py tests reuse).
         "pretrain_cache=off", *overrides,
@@ -212,7 +210,7 @@ def example_command(*args, cwd=EXAMPLE, tmp, fresh: bool = False):
     """The example project's command line; ``fresh``: in a new interpreter (as for a bad
     ``_target_``, reported before TensorFlow has imported), not a prewarmed one."""
     launch = subprocess.run if fresh else prewarmed.run
-    if not fresh and not (tmp / "mlflow.db").exists():
+    if not fresh:  # fresh: a bad command, checked for leaving no store (or no run) behind
         empty_store(tmp / "mlflow.db")
     return launch(
         [str(BIN / "tfharness"), *args, "pretrain_cache=off",
