@@ -138,6 +138,50 @@ def test_a_fresh_sqlite_store_is_created_once_under_a_lock_beside_it(tmp_path):
     assert store.open_experiment(uri, "e")[1] == experiment_id  # found, not created again
 
 
+
+def _tables(db: Path) -> set:
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db)) as conn:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")}
+
+
+def test_a_store_a_dead_migration_left_half_made_is_repaired_when_a_run_opens_it(tmp_path):
+    """A migration killed after copying a table leaves ``_alembic_tmp_<table>`` behind (CI saw
+    it when a client racing the runs on a fresh store died half-way): MLflow itself then cannot
+    open the store again, since its migration of that table trips on the copy."""
+    import sqlite3
+    from contextlib import closing
+
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE _alembic_tmp_experiments (experiment_id INTEGER)")
+        conn.commit()
+    uri = f"sqlite:///{db}"
+    with pytest.raises(Exception, match="_alembic_tmp_experiments already exists"):
+        MlflowClient(uri).search_experiments()  # the trap, as MLflow alone meets it
+
+    _, experiment_id = store.open_experiment(uri, "e")
+    assert not {t for t in _tables(db) if t.startswith("_alembic_tmp_")}
+    assert MlflowClient(uri).get_experiment_by_name("e").experiment_id == experiment_id
+
+
+def test_a_complete_store_keeps_no_leftover_copy_that_would_trip_a_later_migration(tmp_path):
+    import sqlite3
+    from contextlib import closing
+
+    uri = empty_store(tmp_path / "mlflow.db")
+    with closing(sqlite3.connect(tmp_path / "mlflow.db")) as conn:
+        conn.execute("CREATE TABLE _alembic_tmp_trace_info (request_id TEXT)")
+        conn.commit()
+    store.open_experiment(uri, "e")
+    tables = _tables(tmp_path / "mlflow.db")
+    assert "_alembic_tmp_trace_info" not in tables and {"experiments", "runs"} <= tables
+
 @pytest.mark.parametrize("uri, why", [
     ("ftp://nowhere", "unsupported URI scheme"),
     ("sqlite:////proc/no/such.db", "cannot create the folder /proc/no"),

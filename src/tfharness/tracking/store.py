@@ -6,7 +6,10 @@ again, or two alembic migrations race on the version row). So every tfharness pr
 SQLite store under an inter-process lock beside the database file, with a bounded wait: the first
 one creates and migrates it, the others find it ready. An MLflow client that tfharness does not
 control (``mlflow ui``, a script) may still be creating the schema at that moment; the errors
-such a race leaves are retried, a bounded number of times, before they count as real.
+such a race leaves are retried, a bounded number of times, before they count as real. A
+migration that failed or was killed half-way can leave alembic's copy of a table behind, which
+makes every later migration of that table fail, MLflow's own included; tfharness drops such
+leftovers under its lock before trying again and once the store is open.
 
 A store that cannot be opened is a :class:`~tfharness.errors.TrackingError` that names
 ``tracking.uri``, what it got and why, raised before any run is opened.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Optional, Tuple, TypeVar
 
@@ -97,6 +102,31 @@ def _lock_for(db: Path, uri: str):
     return FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
 
 
+def drop_leftover_copies(db: Path) -> list:
+    """Drop the tables alembic's batch migrations left in the SQLite file ``db``; their names.
+
+    On SQLite a batch migration copies a table into ``_alembic_tmp_<table>``, then drops the
+    table and renames the copy. A migration that failed (it raced with another client) or was
+    killed after creating the copy leaves it behind, and the next migration of that table fails
+    with "table _alembic_tmp_<table> already exists", for every client. A copy that a live
+    migration is filling cannot be dropped meanwhile: SQLite lets one writer at a time, and the
+    copy is filled, swapped in and dropped in one transaction.
+    """
+    if not db.exists():
+        return []
+    with closing(sqlite3.connect(db, timeout=60)) as conn:
+        names = [name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ? ESCAPE '!'",
+            ("!_alembic!_tmp!_%",))]
+        for name in names:
+            conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+        conn.commit()
+    if names:
+        log.info("Dropped %s from %s, left by a schema migration that did not finish",
+                 ", ".join(names), db)
+    return names
+
+
 def _with_retries(uri: str, attempt: Callable[[], T], retry_any: bool) -> T:
     return retrying(attempt, lambda error: retry_any or is_race(error), what=f"Opening {uri} "
                     "raced with another MLflow client", attempts=OPEN_ATTEMPTS,
@@ -135,9 +165,19 @@ def open_experiment(uri: str, experiment: str) -> Tuple[object, str]:
         if db is None:
             return _with_retries(uri, attempt, retry_any=False)
         lock = _lock_for(db, uri)
+        tries = []
+
+        def attempt_on_file():
+            if tries:  # the last try may have failed on a copy that a dead migration left
+                drop_leftover_copies(db)
+            tries.append(1)
+            return attempt()
+
         try:
             with lock:
-                return _with_retries(uri, attempt, retry_any=True)
+                opened = _with_retries(uri, attempt_on_file, retry_any=True)
+                drop_leftover_copies(db)  # so that no later migration trips on them
+                return opened
         except TimeoutError as exc:  # filelock.Timeout
             raise store_error(uri, f"another process held {lock.lock_file} for more than "
                                    f"{LOCK_TIMEOUT_S:.0f} s") from exc
