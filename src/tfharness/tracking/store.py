@@ -22,7 +22,7 @@ import re
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Callable, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 from tfharness.errors import TrackingError
 from tfharness.tracking.retries import retrying
@@ -102,15 +102,16 @@ def _lock_for(db: Path, uri: str):
     return FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S)
 
 
-def drop_leftover_copies(db: Path) -> list:
+def drop_leftover_copies(db: Path) -> List[str]:
     """Drop the tables alembic's batch migrations left in the SQLite file ``db``; their names.
 
     On SQLite a batch migration copies a table into ``_alembic_tmp_<table>``, then drops the
     table and renames the copy. A migration that failed (it raced with another client) or was
     killed after creating the copy leaves it behind, and the next migration of that table fails
-    with "table _alembic_tmp_<table> already exists", for every client. A copy that a live
-    migration is filling cannot be dropped meanwhile: SQLite lets one writer at a time, and the
-    copy is filled, swapped in and dropped in one transaction.
+    with "table _alembic_tmp_<table> already exists", for every client. Should another client's
+    migration be live, dropping the copy it has just created makes it fail before it touches
+    the table: the copy is filled, swapped in and the table dropped in one transaction, and
+    SQLite lets one writer at a time, so the store stays at its last finished migration.
     """
     if not db.exists():
         return []
@@ -176,7 +177,10 @@ def open_experiment(uri: str, experiment: str) -> Tuple[object, str]:
         try:
             with lock:
                 opened = _with_retries(uri, attempt_on_file, retry_any=True)
-                drop_leftover_copies(db)  # so that no later migration trips on them
+                try:
+                    drop_leftover_copies(db)  # so that no later migration trips on them
+                except sqlite3.Error as exc:  # the store is open; the next run tries again
+                    log.debug("Could not drop leftover copies in %s: %s", db, exc)
                 return opened
         except TimeoutError as exc:  # filelock.Timeout
             raise store_error(uri, f"another process held {lock.lock_file} for more than "
