@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from tfharness.errors import TrackingError
+
 PYTHON_MODEL = str(Path(__file__).with_name("mlflow_model.py"))
 # Run tag prefix holding each logged model's URI: ``tfharness.model_uri.finetuned``.
 MODEL_URI_TAG = "tfharness.model_uri"
@@ -149,11 +151,27 @@ def link_model_metrics(client, run_id: str, model_id: Optional[str], keys: List[
     log_metric_points(client, run_id, points)
 
 
-def register(model_uri: str, registered_name: str) -> str:
-    """Registers ``model_uri`` as a new version of ``registered_name``; returns the version."""
+def register(client, run_id: str, model_uris: Dict[str, str], name: str, registered_name: str,
+             alias: Optional[str] = None) -> str:
+    """Registers the logged model ``name`` of run ``run_id`` (its URI in ``model_uris``) as a
+    new version of ``registered_name``, with ``alias`` if given, and tags the run with that
+    version; returns the version."""
     import mlflow
 
-    return str(mlflow.register_model(model_uri, registered_name).version)
+    if name not in model_uris:
+        raise TrackingError(f"model {name!r} was not logged (tracking.log_models=false?)")
+    version = str(mlflow.register_model(model_uris[name], registered_name).version)
+    client.set_tag(run_id, "tfharness.registered_model", f"{registered_name}/{version}")
+    if alias:
+        client.set_registered_model_alias(registered_name, alias, version)
+    return version
+
+
+def link_model_input(client, run_id: str, model_id: str) -> None:
+    """Records the logged model ``model_id`` as an input of run ``run_id`` (MLflow's lineage)."""
+    from mlflow.entities import LoggedModelInput
+
+    client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def model_output_and_requirements(model, example: np.ndarray) -> Tuple[np.ndarray, List[str]]:

@@ -26,7 +26,8 @@ from tfharness.tracking.delivery import DeliveryRecord, DeliveryWorker
 from tfharness.tracking.jobs import (CallJob, FigureJob, InputsJob, Job, LinkJob, MetricsJob,
                                      ModelJob, TableJob, TagsJob, TextJob)
 from tfharness.tracking.naming import table_columns
-from tfharness.tracking.models import ModelSpec, model_output_and_requirements, register
+from tfharness.tracking.models import (ModelSpec, link_model_input,
+                                       model_output_and_requirements, register)
 from tfharness.tracking.retries import retrying
 from tfharness.tracking.spool import SPOOL_REASON, spool_tail
 from tfharness.tracking.unreachable import is_unreachable
@@ -231,25 +232,15 @@ class MlflowTracker(Tracker):
         :attr:`registered_versions`."""
 
         def registration() -> None:
-            if name not in self.model_uris:
-                raise TrackingError(f"model {name!r} was not logged (tracking.log_models=false?)")
-            version = register(self.model_uris[name], registered_name)
-            self.registered_versions[registered_name] = version
-            self._store.client.set_tag(self.run_id, "tfharness.registered_model",
-                                       f"{registered_name}/{version}")
-            if alias:
-                self._store.client.set_registered_model_alias(registered_name, alias, version)
+            self.registered_versions[registered_name] = register(
+                self._store.client, self.run_id, self.model_uris, name, registered_name, alias)
 
         self.submit(CallJob(f"registration of {name} as {registered_name!r}", registration))
 
     def log_model_input(self, model_id: str) -> None:
         """Records the logged model ``model_id`` as an input of the run (MLflow's lineage)."""
-        from mlflow.entities import LoggedModelInput
-
-        def link() -> None:
-            self._store.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
-
-        self.submit(CallJob(f"model input {model_id}", link))
+        self.submit(CallJob(f"model input {model_id}",
+                            lambda: link_model_input(self._store.client, self.run_id, model_id)))
 
     # ------------------------------------------------------------------ ending the run
     def _drain(self) -> None:
