@@ -47,3 +47,55 @@ def test_config_imports_no_other_stage():
         for module in _imports(path):
             if module.startswith("tfharness."):
                 assert module.startswith(("tfharness.config", "tfharness.errors")), (path, module)
+
+
+def _module_graph() -> dict:
+    """Each tfharness module -> the tfharness modules it imports, anywhere in it (imports inside
+    functions included): ``from pkg import name`` counts as importing ``pkg.name`` where that is
+    a module, else ``pkg``."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("tfharness",) + path.relative_to(PACKAGE).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                targets.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules
+                               else base for alias in node.names)
+        graph[name] = {owner(t) for t in targets if owner(t) not in (None, name)}
+    return graph
+
+
+def test_no_import_cycle_among_the_modules():
+    graph = _module_graph()
+    assert len(graph) > 50 and graph["tfharness.pipeline.runner"]  # the walk found the package
+    cycles, done = [], set()
+
+    def visit(name: str, path: list) -> None:
+        if name in path:
+            cycles.append(" -> ".join(path[path.index(name):] + [name]))
+            return
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, path + [name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert cycles == []

@@ -6,6 +6,7 @@ config the command line would. Importing this package imports neither TensorFlow
 """
 
 from tfharness import _aliases
+from tfharness._version import __version__
 from tfharness.errors import (
     ConfigError,
     DataError,
@@ -19,7 +20,6 @@ from tfharness.errors import (
 
 _aliases.install()
 
-__version__ = "0.1.0"
 __all__ = ["compose", "run", "RunResult", "HarnessConfig", "HarnessError", "ConfigError",
            "DataError", "SaveError", "IntegrityError", "SourceError", "TrackingError", "VerificationError"]
 

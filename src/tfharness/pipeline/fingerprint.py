@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict
 
+from tfharness._version import __version__
 from tfharness.config import HarnessConfig
 from tfharness.config import targets
 from tfharness.data import records
@@ -60,8 +61,6 @@ def fingerprint(cfg: HarnessConfig, description: records.DataDescription) -> Fin
     import keras
     import tensorflow as tf
 
-    import tfharness
-
     data = {k: v for k, v in targets.options_of(cfg.data).items()
             if not str(k).startswith("finetune")}
     trainer = {k: v for k, v in dataclasses.asdict(cfg.trainer).items()
@@ -74,7 +73,7 @@ def fingerprint(cfg: HarnessConfig, description: records.DataDescription) -> Fin
         "trainer": trainer,
         "seed": cfg.trainer.seed,
         "source": cfg.source.name,
-        "versions": {"tfharness": tfharness.__version__, "tensorflow": tf.__version__,
+        "versions": {"tfharness": __version__, "tensorflow": tf.__version__,
                      "keras": keras.__version__},
     }
     # Round-tripped through JSON so that what is hashed is exactly what the artifact shows.
