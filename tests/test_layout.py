@@ -99,3 +99,17 @@ def test_no_import_cycle_among_the_modules():
     for name in sorted(graph):
         visit(name, [])
     assert cycles == []
+
+
+def test_no_function_over_60_lines_and_no_class_over_250():
+    """The limits a reader feels (docstrings and comments count): a longer one is split, or
+    given its reason here."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = (60 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     else 250 if isinstance(node, ast.ClassDef) else None)
+            if limit is not None and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} "
+                                f"{node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
