@@ -182,6 +182,21 @@ def test_a_complete_store_keeps_no_leftover_copy_that_would_trip_a_later_migrati
     tables = _tables(tmp_path / "mlflow.db")
     assert "_alembic_tmp_trace_info" not in tables and {"experiments", "runs"} <= tables
 
+
+def test_a_leftover_copy_that_may_hold_the_only_rows_of_its_table_is_kept(tmp_path):
+    import sqlite3
+    from contextlib import closing
+
+    db = tmp_path / "mlflow.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE _alembic_tmp_runs (run_uuid TEXT)")  # no table 'runs'
+        conn.execute("INSERT INTO _alembic_tmp_runs VALUES ('a run')")
+        conn.execute("CREATE TABLE _alembic_tmp_params (key TEXT)")  # empty: nothing to lose
+        conn.commit()
+    assert store.drop_leftover_copies(db) == ["_alembic_tmp_params"]
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT run_uuid FROM _alembic_tmp_runs").fetchall() == [("a run",)]
+
 @pytest.mark.parametrize("uri, why", [
     ("ftp://nowhere", "unsupported URI scheme"),
     ("sqlite:////proc/no/such.db", "cannot create the folder /proc/no"),

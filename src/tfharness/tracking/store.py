@@ -43,6 +43,9 @@ RACE_MARKERS = ("already exists", "duplicate column", "no such table", "database
                 "alembic_version", "Online migration expected", "UNIQUE constraint failed",
                 "No such constraint", "Circular dependency")
 
+# The name alembic's batch migrations give a table's copy on SQLite.
+ALEMBIC_COPY_PREFIX = "_alembic_tmp_"
+
 T = TypeVar("T")
 
 
@@ -112,20 +115,30 @@ def drop_leftover_copies(db: Path) -> List[str]:
     migration be live, dropping the copy it has just created makes it fail before it touches
     the table: the copy is filled, swapped in and the table dropped in one transaction, and
     SQLite lets one writer at a time, so the store stays at its last finished migration.
+
+    A copy is dropped only while its table is there too, or when it holds no row: a copy with
+    rows whose table is gone may be the only copy of them, so it is kept, with a warning.
     """
     if not db.exists():
         return []
+    dropped = []
     with closing(sqlite3.connect(db, timeout=60)) as conn:
-        names = [name for (name,) in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ? ESCAPE '!'",
-            ("!_alembic!_tmp!_%",))]
-        for name in names:
-            conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+        tables = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for name in sorted(t for t in tables if t.startswith(ALEMBIC_COPY_PREFIX)):
+            original = name[len(ALEMBIC_COPY_PREFIX):]
+            empty = conn.execute(f'SELECT 1 FROM "{name}" LIMIT 1').fetchone() is None
+            if original in tables or empty:
+                conn.execute(f'DROP TABLE "{name}"')
+                dropped.append(name)
+            else:
+                log.warning("%s holds the only rows of the table %s, which a schema migration "
+                            "that did not finish left behind; it is kept", name, original)
         conn.commit()
-    if names:
+    if dropped:
         log.info("Dropped %s from %s, left by a schema migration that did not finish",
-                 ", ".join(names), db)
-    return names
+                 ", ".join(dropped), db)
+    return dropped
 
 
 def _with_retries(uri: str, attempt: Callable[[], T], retry_any: bool) -> T:
