@@ -16,16 +16,22 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # Installs the editable package with uv when it can (it resolves to the same releases as pip,
 # in well under half pip's time: figures in benchmarks/results.md, "Test suite"), else with pip.
-# uv gets pip's index URL when pip is given one; TFHARNESS_INSTALLER=pip skips uv.
+# uv gets pip's index URL and constraint files when pip is given them (uv reads no pip
+# configuration of its own); TFHARNESS_INSTALLER=pip skips uv.
+pip_setting() {  # pip's value for a setting: its environment variable, else its configuration
+  local from_env="${!1:-}"
+  echo "${from_env:-$("$VENV/bin/python" -m pip config get "global.$2" 2>/dev/null || true)}"
+}
 tfharness_install() {
   if [ "${TFHARNESS_INSTALLER:-uv}" = uv ] \
       && "$VENV/bin/python" -m pip install --quiet uv >&2; then
-    local index="${PIP_INDEX_URL:-$("$VENV/bin/python" -m pip config get global.index-url \
-                                     2>/dev/null || true)}"
+    local index constraints=()
+    index="$(pip_setting PIP_INDEX_URL index-url)"
+    for file in $(pip_setting PIP_CONSTRAINT constraint); do constraints+=(--constraint "$file"); done
     # Bytecode compiled as pip does: with PYTHONDONTWRITEBYTECODE set, as on this project's
     # machines, every process would otherwise compile TensorFlow's and MLflow's modules anew.
     if "$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python" \
-        ${index:+--index-url "$index"} -e "$1" >&2; then
+        ${index:+--index-url "$index"} ${constraints[@]+"${constraints[@]}"} -e "$1" >&2; then
       return 0
     fi
     echo "uv could not install it; installing with pip instead ..." >&2
