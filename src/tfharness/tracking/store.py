@@ -9,7 +9,7 @@ control (``mlflow ui``, a script) may still be creating the schema at that momen
 such a race leaves are retried, a bounded number of times, before they count as real. A
 migration that failed or was killed half-way can leave alembic's copy of a table behind, which
 makes every later migration of that table fail, MLflow's own included; tfharness drops such
-leftovers under its lock before trying again and once the store is open.
+leftovers under its lock before each try and once the store is open.
 
 A store that cannot be opened is a :class:`~tfharness.errors.TrackingError` that names
 ``tracking.uri``, what it got and why, raised before any run is opened.
@@ -179,12 +179,9 @@ def open_experiment(uri: str, experiment: str) -> Tuple[object, str]:
         if db is None:
             return _with_retries(uri, attempt, retry_any=False)
         lock = _lock_for(db, uri)
-        tries = []
 
         def attempt_on_file():
-            if tries:  # the last try may have failed on a copy that a dead migration left
-                drop_leftover_copies(db)
-            tries.append(1)
+            drop_leftover_copies(db)  # a copy that a dead migration left would fail this try
             return attempt()
 
         try:
