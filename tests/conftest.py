@@ -58,13 +58,12 @@ TINY_SYNTHETIC = ["data=synthetic", "data.shape=[12]", "data.num_samples=60",
 @functools.cache
 def _empty_store_template() -> Path:
     """This test process's empty store, made by MLflow on first use (removed at its exit)."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    import mlflow
 
     folder = Path(tempfile.mkdtemp(prefix="tfharness-empty-store-"))
     owner = os.getpid()  # a forked child's exit leaves it alone
     atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, True))
-    store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri())
-    store.engine.dispose()
+    mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # creates it
     return folder / "mlflow.db"
 
 
@@ -75,7 +74,7 @@ def empty_store(db: Path) -> str:
     MLflow creates a store's schema on first use by running all its migrations, which costs CPU
     every time (figures: benchmarks/results.md, "Test suite"). This copies one MLflow made in
     this test process instead: the same database, with the schema and the Default experiment
-    (whose artifacts would go beside the template; no test logs to it). Tests of a store that
+    (as MLflow makes it, through the public client; no test logs to it). Tests of a store that
     does not exist yet (created under the lock, sweeps on a fresh store, the quickstart's
     ``./mlflow.db``) give a path of their own and no copy.
     """
