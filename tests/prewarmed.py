@@ -13,7 +13,9 @@ killing it, reading its stderr or waiting for it is what it is for a process sta
 The worker processes of joblib's loky backend (Hydra's joblib launcher, in a sweep that runs
 here) start the same way: in a prewarmed process, loky's ``fork_exec`` asks the server for them
 (:func:`_loky_fork_exec`), with the pipes loky passes them at the same descriptor numbers, and
-loky learns of each one's end from the server (:func:`_loky_poll`).
+loky learns of each one's end from the server (:func:`_loky_poll`). So does a command's tracking
+process (``tracking.process=true``: a ``python -c`` that imports MLflow, then serves the socket
+it is given): the server starts it with MLflow imported already, the socket at the same number.
 
 What such a process does not exercise is the start of a fresh interpreter: the imports, and the
 harness's importing TensorFlow on a thread while it loads the data. Tests of those (tests/
@@ -156,6 +158,26 @@ def _become(request: dict, fds: list) -> None:
     os.environ.update(request["env"])
     for key, value in _SET_BY_IMPORTS.items():  # as the imports would have, in a fresh process
         os.environ.setdefault(key, value)
+    if not os.environ.get(FRESH_TRACKING_PROCESS):
+        from tfharness.tracking import process as tracking_process
+
+        tracking_process.subprocess = _ViaServer()
+
+
+# Set (to anything) in a command's environment: its tracking process starts as a fresh
+# interpreter, the command's own child, as it does outside the suite (for the tests of that
+# relationship: a SIGKILL or a Ctrl-C to the command's process group).
+FRESH_TRACKING_PROCESS = "TFHARNESS_TEST_FRESH_TRACKING_PROCESS"
+
+
+class _ViaServer:
+    """``subprocess`` as :mod:`tfharness.tracking.process` sees it in a prewarmed command (unless
+    :data:`FRESH_TRACKING_PROCESS`): its ``Popen`` is this module's."""
+
+    Popen = None  # set below, once Popen is defined
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
 
 
 def _run_command(args: list) -> None:
@@ -349,12 +371,12 @@ class Popen(subprocess.Popen):
 
     def _execute_child(self, *args) -> None:
         call = _EXECUTE_CHILD.bind(self, *args).arguments
-        if call["preexec_fn"] is not None or call["pass_fds"] or call["executable"] is not None \
-                or call["shell"]:
-            raise ValueError("prewarmed.Popen takes no preexec_fn, pass_fds, executable or shell")
+        if call["preexec_fn"] is not None or call["executable"] is not None or call["shell"]:
+            raise ValueError("prewarmed.Popen takes no preexec_fn, executable or shell")
         try:
             fds = {target: fd if fd != -1 else target for target, fd in
                    ((0, call["p2cread"]), (1, call["c2pwrite"]), (2, call["errwrite"]))}
+            fds.update({int(fd): int(fd) for fd in call["pass_fds"]})  # at the same numbers
             self._reports = _Reports(_start(
                 command_of(call["args"]), call["cwd"] or os.getcwd(),
                 call["env"] if call["env"] is not None else os.environ, fds,
@@ -384,6 +406,9 @@ class Popen(subprocess.Popen):
             finally:
                 self._waitpid_lock.release()
         return self.returncode
+
+
+_ViaServer.Popen = Popen
 
 
 def run(*popenargs, input=None, capture_output=False, timeout=None, check=False, **kwargs):

@@ -57,6 +57,10 @@ def logged_model_names(client, run) -> set:
         [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")}
 
 
+# The command's tracking process as outside the suite: a fresh interpreter, its own child.
+FRESH_TRACKING_PROCESS = {prewarmed.FRESH_TRACKING_PROCESS: "1"}
+
+
 def tracking_processes_of(pid: int) -> list:
     """The pids of the tfharness tracking processes whose parent is ``pid``."""
     found = []
@@ -248,7 +252,8 @@ def test_a_resumer_that_has_the_lock_but_has_not_written_its_state_is_seen(tmp_p
 
 def test_sigkill_takes_the_tracking_process_with_it_and_leaves_the_run_running(tmp_path):
     marker = tmp_path / "paused"
-    process = harness(tmp_path, "tracking.process=true", pause=f"pretrain-e0002:{marker}")
+    process = harness(tmp_path, "tracking.process=true", pause=f"pretrain-e0002:{marker}",
+                      env=FRESH_TRACKING_PROCESS)
     wait_for(marker, process)
     (tracker,) = tracking_processes_of(process.pid)
     process.kill()
@@ -261,7 +266,7 @@ def test_sigkill_takes_the_tracking_process_with_it_and_leaves_the_run_running(t
 def test_ctrl_c_to_the_process_group_ends_the_run_killed_through_the_tracking_process(tmp_path):
     marker = tmp_path / "paused"
     process = harness(tmp_path, "tracking.process=true", pause=f"pretrain-e0002:{marker}",
-                      own_group=True)
+                      own_group=True, env=FRESH_TRACKING_PROCESS)
     wait_for(marker, process)
     (tracker,) = tracking_processes_of(process.pid)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does

@@ -162,9 +162,11 @@ def test_launcher_presets_compose_for_ray_and_slurm():
 
 def test_ray_launcher_runs_a_sweep_on_a_local_ray(tmp_path):
     """The launcher=ray preset with Ray started here (address null): the jobs run in Ray
-    worker processes, and still nest under the parent run through hydra.job.env_set."""
+    worker processes, and still nest under the parent run through hydra.job.env_set. Without
+    Ray's dashboard (a dozen processes of its own that nothing here looks at)."""
     uri = empty_store(tmp_path / "mlflow.db")
-    out = sweep("launcher=ray", "model.units=[4]", "trainer.epochs=1", "finetune.epochs=1",
+    out = sweep("launcher=ray", "+hydra.launcher.ray.init.include_dashboard=false",
+                "model.units=[4]", "trainer.epochs=1", "finetune.epochs=1",
                 "finetune.learning_rate=1e-2,1e-3", cwd=tmp_path, uri=uri)
     assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
