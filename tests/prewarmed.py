@@ -170,16 +170,6 @@ def _become(request: dict, fds: list) -> None:
 FRESH_TRACKING_PROCESS = "TFHARNESS_TEST_FRESH_TRACKING_PROCESS"
 
 
-class _ViaServer:
-    """``subprocess`` as :mod:`tfharness.tracking.process` sees it in a prewarmed command (unless
-    :data:`FRESH_TRACKING_PROCESS`): its ``Popen`` is this module's."""
-
-    Popen = None  # set below, once Popen is defined
-
-    def __getattr__(self, name):
-        return getattr(subprocess, name)
-
-
 def _run_command(args: list) -> None:
     """Runs ``args`` (what follows ``python``) as the interpreter would, as ``__main__``."""
     import runpy
@@ -408,7 +398,14 @@ class Popen(subprocess.Popen):
         return self.returncode
 
 
-_ViaServer.Popen = Popen
+class _ViaServer:
+    """``subprocess`` as :mod:`tfharness.tracking.process` sees it in a prewarmed command (unless
+    :data:`FRESH_TRACKING_PROCESS`): its ``Popen`` is this module's."""
+
+    Popen = Popen
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
 
 
 def run(*popenargs, input=None, capture_output=False, timeout=None, check=False, **kwargs):

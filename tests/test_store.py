@@ -7,9 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -138,11 +140,7 @@ def test_a_fresh_sqlite_store_is_created_once_under_a_lock_beside_it(tmp_path):
     assert store.open_experiment(uri, "e")[1] == experiment_id  # found, not created again
 
 
-
 def _tables(db: Path) -> set:
-    import sqlite3
-    from contextlib import closing
-
     with closing(sqlite3.connect(db)) as conn:
         return {name for (name,) in conn.execute("SELECT name FROM sqlite_master "
                                                  "WHERE type = 'table'")}
@@ -152,9 +150,6 @@ def test_a_store_a_dead_migration_left_half_made_is_repaired_when_a_run_opens_it
     """A migration killed after copying a table leaves ``_alembic_tmp_<table>`` behind (CI saw
     it when a client racing the runs on a fresh store died half-way): MLflow itself then cannot
     open the store again, since its migration of that table trips on the copy."""
-    import sqlite3
-    from contextlib import closing
-
     from mlflow import MlflowClient
 
     db = tmp_path / "mlflow.db"
@@ -171,9 +166,6 @@ def test_a_store_a_dead_migration_left_half_made_is_repaired_when_a_run_opens_it
 
 
 def test_a_complete_store_keeps_no_leftover_copy_that_would_trip_a_later_migration(tmp_path):
-    import sqlite3
-    from contextlib import closing
-
     uri = empty_store(tmp_path / "mlflow.db")
     with closing(sqlite3.connect(tmp_path / "mlflow.db")) as conn:
         conn.execute("CREATE TABLE _alembic_tmp_trace_info (request_id TEXT)")
@@ -184,9 +176,6 @@ def test_a_complete_store_keeps_no_leftover_copy_that_would_trip_a_later_migrati
 
 
 def test_a_leftover_copy_that_may_hold_the_only_rows_of_its_table_is_kept(tmp_path):
-    import sqlite3
-    from contextlib import closing
-
     db = tmp_path / "mlflow.db"
     with closing(sqlite3.connect(db)) as conn:
         conn.execute("CREATE TABLE _alembic_tmp_runs (run_uuid TEXT)")  # no table 'runs'
@@ -196,6 +185,7 @@ def test_a_leftover_copy_that_may_hold_the_only_rows_of_its_table_is_kept(tmp_pa
     assert store.drop_leftover_copies(db) == ["_alembic_tmp_params"]
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT run_uuid FROM _alembic_tmp_runs").fetchall() == [("a run",)]
+
 
 @pytest.mark.parametrize("uri, why", [
     ("ftp://nowhere", "unsupported URI scheme"),
